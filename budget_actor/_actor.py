@@ -1,0 +1,260 @@
+"""The budget actor: the one task that owns the day's spend.
+
+Its mailbox is a bounded trio memory channel of :mod:`budget_actor._messages`.
+It drains the mailbox in batches, feeds each message to the pure
+:class:`~budget_actor._ledger.Ledger`, hands the resulting work to its children
+without ever waiting for them, and after each batch publishes the new spend
+state to subscribers once. Nothing else touches the ledger, so there are no
+locks.
+
+Children, each supervised (restart with backoff, escalate when failing too
+often):
+
+* **persister**: writes journal entries, patches and nudge rows;
+* **alerter**: delivers threshold crossings to AG Lu;
+* **ticker**: sends a :class:`Tick` every second so the day rolls over at
+  midnight even when no cost arrives.
+
+Shutdown: a :class:`Shutdown` message ends the loop after everything before it
+was handled; cancellation ends it at once. Either way the children stop, then a
+final flush (shielded, bounded by ``SHUTDOWN_GRACE_S``) writes every queued
+journal entry, pending nudge and the final patch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import trio
+
+from ._alerter import Alerter, AlertQueue
+from ._config import BudgetConfig
+from ._fanout import Published, Subscription
+from ._ledger import AlertDue, Effect, Ledger, PatchDue, day_of
+from ._messages import (
+    AlertDelivered,
+    CountCycle,
+    Message,
+    QueryHealth,
+    RecordCost,
+    Shutdown,
+    StoreReport,
+    Subscribe,
+    Tick,
+    Unsubscribe,
+)
+from ._persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
+from ._store import Store
+from ._supervisor import RestartPolicy, supervise
+from ._views import AlertNotice
+
+log = logging.getLogger("budget_actor.actor")
+
+# Messages handled per wake-up before publishing: batching amortises the
+# publish and the scheduler round-trip; the cap bounds how stale a push can be
+# under a flood.
+MAX_BATCH = 512
+# How often time is checked for a day rollover when no message arrives.
+TICK_S = 1.0
+# Time allowed for the final flush at shutdown. An orchestrator sends SIGKILL
+# some seconds after SIGTERM (Kubernetes: 30 s); stay well inside that.
+SHUTDOWN_GRACE_S = 10.0
+
+
+class BudgetActor:
+    def __init__(
+        self,
+        config: BudgetConfig,
+        store: Store,
+        inbox: trio.MemoryReceiveChannel[Message],
+        outbox: trio.MemorySendChannel[Message],
+        *,
+        clock: Callable[[], datetime],
+        limiter: trio.CapacityLimiter,
+        policy: RestartPolicy,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._inbox = inbox
+        self._outbox = outbox
+        self._clock = clock
+        self._limiter = limiter
+        self._policy = policy
+        self._persist = PersistQueue()
+        self._alerts = AlertQueue()
+        self._subscribers: set[Subscription] = set()
+        self._published: Published | None = None
+        self._ledger: Ledger | None = None
+        self._started_at = 0.0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Restore, start the children, then handle messages until shutdown.
+
+        Raises :class:`~budget_actor._store.StoreError` if the restore fails,
+        and an ``ExceptionGroup`` holding an
+        :class:`~budget_actor._supervisor.Escalation` if a child fails too often.
+        """
+        now = self._clock()
+        restored = await trio.to_thread.run_sync(
+            self.store.load, day_of(now, self.config), limiter=self._limiter
+        )
+        ledger, effects = Ledger.restore(self.config, self._clock(), restored)
+        self._ledger = ledger
+        self._started_at = trio.current_time()
+        persister = Persister(
+            self.store, self._persist, self._limiter, self._clock, self._outbox.send
+        )
+        alerter = Alerter(self._alerts, self._persist, self._outbox.send)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(supervise, "persister", persister.run, self._policy)
+                nursery.start_soon(supervise, "alerter", alerter.run, self._policy)
+                nursery.start_soon(supervise, "ticker", self._tick, self._policy)
+                self._apply(effects)
+                task_status.started()
+                await self._loop(ledger)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._inbox.close()
+            for subscription in self._subscribers:
+                subscription.close()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(SHUTDOWN_GRACE_S) as grace:
+                    await persister.final_flush(
+                        ledger.snapshot(),
+                        [NudgeJob(alert, None) for alert in self._alerts.pending()],
+                    )
+                if grace.cancelled_caught:
+                    log.error(
+                        "final flush did not finish within %.0fs; %d jobs not written",
+                        SHUTDOWN_GRACE_S,
+                        self._persist.waiting,
+                    )
+
+    async def _loop(self, ledger: Ledger) -> None:
+        inbox = self._inbox
+        while True:
+            message = await inbox.receive()
+            before = (ledger.day, ledger.seq)
+            for _ in range(MAX_BATCH):
+                if self._handle(ledger, message):
+                    self._publish_if_changed(ledger, before)
+                    return
+                try:
+                    message = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            self._publish_if_changed(ledger, before)
+
+    def _handle(self, ledger: Ledger, message: Message) -> bool:
+        """Handle one message; True means stop."""
+        if isinstance(message, RecordCost):
+            recorded = ledger.record(
+                self._clock(),
+                message.dispatch_id,
+                message.usd,
+                model=message.model,
+                agent=message.agent,
+                input_tokens=message.input_tokens,
+                output_tokens=message.output_tokens,
+            )
+            receipt = message.receipt
+            if receipt is not None:
+                receipt.seq = recorded.seq
+                receipt.duplicate = recorded.duplicate
+            if recorded.entry is not None:
+                self._persist.put(JournalJob(recorded.entry, receipt))
+            elif receipt is not None:
+                # A duplicate is acknowledged only once the original is durable.
+                self._persist.put(BarrierJob(receipt))
+            if recorded.effects:
+                self._apply(recorded.effects)
+        elif isinstance(message, CountCycle):
+            self._apply(ledger.cycle(self._clock()))
+        elif isinstance(message, Tick):
+            self._apply(ledger.tick(self._clock()))
+        elif isinstance(message, QueryHealth):
+            self._apply(ledger.tick(self._clock()))
+            message.reply.set(
+                ledger.health(
+                    store=self.store.kind,
+                    subscribers=len(self._subscribers),
+                    uptime_s=round(trio.current_time() - self._started_at, 3),
+                )
+            )
+        elif isinstance(message, StoreReport):
+            if message.ok:
+                ledger.persisted(message.seq, message.at, patch_written=message.patch_written)
+            else:
+                ledger.store_failed()
+        elif isinstance(message, Subscribe):
+            self._subscribers.add(message.subscription)
+            message.subscription.offer_spend(self._current(ledger))
+        elif isinstance(message, Unsubscribe):
+            self._subscribers.discard(message.subscription)
+            message.subscription.close()
+        elif isinstance(message, AlertDelivered):
+            self._push_alert(message)
+        elif isinstance(message, Shutdown):
+            return True
+        return False
+
+    def _apply(self, effects: list[Effect] | tuple[Effect, ...]) -> None:
+        for effect in effects:
+            if isinstance(effect, PatchDue):
+                self._persist.put(PatchJob(effect.snapshot))
+            elif isinstance(effect, AlertDue):
+                log.info(
+                    "threshold %s crossed on %s: %s of %s",
+                    effect.alert.threshold,
+                    effect.alert.day,
+                    effect.alert.daily_spend,
+                    effect.alert.daily_cap,
+                )
+                self._alerts.put(effect.alert)
+
+    def _current(self, ledger: Ledger) -> Published:
+        published = self._published
+        spend = published.spend if published is not None else None
+        if spend is None or (spend.day, spend.seq) != (ledger.day, ledger.seq):
+            published = self._published = Published(ledger.spend())
+        assert published is not None
+        return published
+
+    def _publish_if_changed(self, ledger: Ledger, before: tuple[str, int]) -> None:
+        if (ledger.day, ledger.seq) == before or not self._subscribers:
+            return
+        published = self._current(ledger)
+        gone = []
+        for subscription in self._subscribers:
+            if subscription.closed:
+                gone.append(subscription)
+            else:
+                subscription.offer_spend(published)
+        self._subscribers.difference_update(gone)
+
+    def _push_alert(self, delivered: AlertDelivered) -> None:
+        alert = delivered.alert
+        notice = AlertNotice(
+            to=alert.to,
+            day=alert.day,
+            threshold=float(alert.threshold),
+            daily_spend=alert.daily_spend,
+            daily_cap=alert.daily_cap,
+        )
+        log.info(
+            "alert delivered to %s: %s%% of %s on %s",
+            alert.to,
+            alert.percent,
+            alert.daily_cap,
+            alert.day,
+        )
+        for subscription in self._subscribers:
+            subscription.offer_alert(notice)
+
+    async def _tick(self) -> None:
+        while True:
+            await trio.sleep(TICK_S)
+            await self._outbox.send(Tick())

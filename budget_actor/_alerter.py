@@ -1,0 +1,75 @@
+"""The alerter: delivers each threshold crossing to AG Lu, once.
+
+Delivery is two steps, in this order: the ``sibling_nudge`` row is made durable
+(through the persister, the only writer), then the actor pushes the ``alert``
+to every subscriber. Row first, so that a crash in between can at worst lose
+the live push, never send the nudge twice: on restart the row marks the alert
+as sent. A crash *before* the row exists loses nothing either, because restore
+recomputes the crossing from the journal and the alert is due again.
+
+The alert being delivered lives in :class:`AlertQueue`, which outlives any one
+run of the alerter, so a restarted alerter finishes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ._messages import AlertDelivered, Reply
+from ._persister import NudgeJob, PersistQueue
+from ._records import Alert
+
+
+class AlertQueue:
+    def __init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel[Alert](math.inf)
+        self.current: Alert | None = None
+        # True when ``current`` was taken by an alerter run that then failed:
+        # its row may exist already, and the push is still owed.
+        self.resumed = False
+
+    def put(self, alert: Alert) -> None:
+        self.send.send_nowait(alert)
+
+    def pending(self) -> list[Alert]:
+        """Every alert not yet delivered (for the final flush at shutdown)."""
+        alerts = [] if self.current is None else [self.current]
+        while True:
+            try:
+                alerts.append(self.recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return alerts
+
+
+class Alerter:
+    def __init__(
+        self,
+        queue: AlertQueue,
+        persist: PersistQueue,
+        deliver: Callable[[AlertDelivered], Awaitable[None]],
+    ) -> None:
+        self.queue = queue
+        self.persist = persist
+        self.deliver = deliver
+
+    async def run(self) -> None:
+        queue = self.queue
+        if queue.current is not None:
+            queue.resumed = True
+        while True:
+            if queue.current is None:
+                try:
+                    queue.current = await queue.recv.receive()
+                except trio.EndOfChannel:
+                    return
+                queue.resumed = False
+            alert = queue.current
+            written: Reply[bool] = Reply()
+            self.persist.put(NudgeJob(alert, written))
+            inserted = await written.get()
+            if inserted or queue.resumed:
+                await self.deliver(AlertDelivered(alert))
+            queue.current = None

@@ -1,0 +1,100 @@
+"""Configuration of one budget service, validated once at the edge."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from ._money import DEFAULT_MAX_COST, InvalidAmount, parse_usd
+
+DEFAULT_ALERT_TO = "AG Lu"
+DEFAULT_PERSIST_EVERY = 10
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the option."""
+
+
+class BudgetConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What the accounting needs to know. Build it with :func:`make_config`."""
+
+    daily_cap: Decimal = Decimal("10.00")
+    alert_at: tuple[Decimal, ...] = (Decimal("0.8"),)
+    alert_to: str = DEFAULT_ALERT_TO
+    persist_every: int = DEFAULT_PERSIST_EVERY
+    timezone: str = "UTC"
+    max_cost: Decimal = DEFAULT_MAX_COST
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def make_config(
+    *,
+    daily_cap: object = "10.00",
+    alert_at: object = "0.8",
+    alert_to: str = DEFAULT_ALERT_TO,
+    persist_every: object = DEFAULT_PERSIST_EVERY,
+    timezone: str = "UTC",
+    max_cost: object = "1000",
+) -> BudgetConfig:
+    """Validate raw option values (strings from the command line, or Python
+    values) and return a :class:`BudgetConfig`.
+
+    Raises :class:`ConfigError` naming the offending option.
+    """
+    try:
+        cap = parse_usd(_text(daily_cap), field="daily-cap")
+    except InvalidAmount as exc:
+        raise ConfigError(str(exc)) from None
+    if cap <= 0:
+        raise ConfigError("`daily-cap` must be greater than 0")
+    try:
+        maximum = parse_usd(_text(max_cost), field="max-cost")
+    except InvalidAmount as exc:
+        raise ConfigError(str(exc)) from None
+    if maximum <= 0:
+        raise ConfigError("`max-cost` must be greater than 0")
+
+    raw = alert_at if isinstance(alert_at, (list, tuple)) else str(alert_at).split(",")
+    thresholds: set[Decimal] = set()
+    for part in raw:
+        try:
+            t = parse_usd(_text(part), field="alert-at")
+        except InvalidAmount as exc:
+            raise ConfigError(str(exc)) from None
+        if not (0 < t <= 1):
+            raise ConfigError(f"`alert-at` fractions must be in (0, 1], got {t}")
+        thresholds.add(t.normalize())
+
+    try:
+        every = int(str(persist_every))
+    except ValueError:
+        raise ConfigError(f"`persist-every` must be an integer, got {persist_every!r}") from None
+    if every < 1:
+        raise ConfigError("`persist-every` must be at least 1")
+
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"`timezone` is not a known time zone: {timezone!r}") from None
+    if not alert_to.strip():
+        raise ConfigError("`alert-to` must not be empty")
+    return BudgetConfig(
+        daily_cap=cap,
+        alert_at=tuple(sorted(thresholds)),
+        alert_to=alert_to,
+        persist_every=every,
+        timezone=timezone,
+        max_cost=maximum,
+    )
+
+
+def _text(value: object) -> object:
+    # Floats are refused by parse_usd; config files and flags give text, and a
+    # float literal in Python code is converted through its repr, which is the
+    # shortest text that round-trips, e.g. 0.8 -> "0.8".
+    return repr(value) if isinstance(value, float) else value

@@ -1,0 +1,304 @@
+"""The accounting, as a pure state machine (no trio, no I/O).
+
+Like h11 and wsproto, the ledger only computes: the caller feeds it events
+(a cost, a cycle, the passage of time, a persistence outcome) together with the
+current wall-clock time, and it answers with the *effects* the caller must carry
+out (:class:`PatchDue`, :class:`AlertDue`). The budget actor is the only caller;
+it owns one ledger and never shares it, so no locks are needed.
+
+Time enters only as an argument. The budget day is the date of ``now`` in the
+configured time zone; when it moves forward the ledger rolls over: the old day's
+final snapshot is emitted as a :class:`PatchDue`, the new day starts at zero and
+every threshold is armed again. A clock that moves backwards never rolls a day
+back (an NTP step must not reopen yesterday).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+
+from ._config import BudgetConfig
+from ._money import MONEY_CONTEXT, add, sub
+from ._records import Alert, JournalEntry, Restored, Snapshot
+from ._views import Health, Spend
+
+PatchReason = Literal["cycle", "rollover", "shutdown", "restore"]
+
+
+class PatchDue(msgspec.Struct, frozen=True):
+    """Write ``snapshot`` as the day's budget patch."""
+
+    snapshot: Snapshot
+    reason: PatchReason
+
+
+class AlertDue(msgspec.Struct, frozen=True):
+    """Deliver ``alert``: write its nudge row, then push it to subscribers."""
+
+    alert: Alert
+
+
+Effect = PatchDue | AlertDue
+
+
+class Recorded(msgspec.Struct, frozen=True):
+    """The outcome of :meth:`Ledger.record`.
+
+    ``entry`` is the journal entry to make durable, or ``None`` for a duplicate,
+    in which case ``seq`` is the sequence number of the original cost.
+    """
+
+    seq: int
+    duplicate: bool
+    entry: JournalEntry | None
+    effects: tuple[Effect, ...]
+
+
+def day_of(now: datetime, config: BudgetConfig) -> str:
+    """The budget day (``YYYY-MM-DD``) of an aware datetime in the configured zone."""
+    if now.tzinfo is None:
+        raise ValueError("the clock must return timezone-aware datetimes")
+    return now.astimezone(config.zone).date().isoformat()
+
+
+@dataclass
+class _Day:
+    day: str
+    spend: Decimal = Decimal(0)
+    dispatches: int = 0
+    cycles: int = 0
+    alerts_sent: set[Decimal] = field(default_factory=set)
+    # dispatch_id -> seq of the cost that counted it.
+    seen: dict[str, int] = field(default_factory=dict)
+
+
+class Ledger:
+    """The day's spend, its dedupe set, thresholds, cycles and store status.
+
+    Every method is synchronous and side-effect free beyond the ledger itself.
+    Inputs are assumed validated (see :mod:`budget_actor._money`); the ledger
+    re-checks only invariants whose violation would corrupt the totals, and
+    raises ``ValueError`` for them without changing anything.
+    """
+
+    def __init__(self, config: BudgetConfig, now: datetime, *, seq: int = 0) -> None:
+        self.config = config
+        self._today = _Day(day_of(now, config))
+        self._seq = seq
+        self._durable_seq = seq
+        self._store_ok = True
+        self._catching_up = False
+        self._last_persist_at: datetime | None = None
+
+    # -- restore -------------------------------------------------------------
+
+    @classmethod
+    def restore(
+        cls, config: BudgetConfig, now: datetime, restored: Restored
+    ) -> tuple[Ledger, list[Effect]]:
+        """Rebuild today from a store's :class:`Restored` view.
+
+        Totals come from today's patch plus the journal entries after it. The
+        returned effects are alerts that the journal shows as crossed but that
+        have no nudge row yet (the process died between the two); sent alerts
+        are never sent again.
+        """
+        ledger = cls(config, now, seq=restored.max_seq)
+        today = ledger._today
+        if restored.day != today.day:
+            # The store was read for another day (midnight passed while
+            # starting): start empty; the seq still comes from the store.
+            return ledger, []
+        patch = restored.patch
+        if patch is not None:
+            today.spend = patch.daily_spend
+            today.dispatches = patch.dispatches
+            today.cycles = patch.cycle_count
+            today.alerts_sent.update(patch.alerts_sent)
+        today.alerts_sent.update(restored.alerts_sent)
+        for dispatch_id in restored.dispatch_ids:
+            today.seen[dispatch_id] = 0
+        for entry in restored.entries:
+            today.spend = add(today.spend, entry.usd)
+            today.dispatches += 1
+            today.seen[entry.dispatch_id] = entry.seq
+        effects: list[Effect] = list(ledger._crossings(now))
+        return ledger, effects
+
+    # -- events --------------------------------------------------------------
+
+    def tick(self, now: datetime) -> list[Effect]:
+        """Let time pass: roll the day over if ``now`` is in a later day."""
+        day = day_of(now, self.config)
+        if day <= self._today.day:
+            return []
+        old = self.snapshot()
+        self._today = _Day(day)
+        return [PatchDue(old, "rollover")]
+
+    def record(
+        self,
+        now: datetime,
+        dispatch_id: str,
+        usd: Decimal,
+        *,
+        model: str | None = None,
+        agent: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> Recorded:
+        """Count one cost, unless its ``dispatch_id`` was already counted today."""
+        if not usd.is_finite() or usd < 0:
+            raise ValueError(f"unvalidated amount reached the ledger: {usd}")
+        effects = self.tick(now)
+        today = self._today
+        original = today.seen.get(dispatch_id)
+        if original is not None:
+            return Recorded(original, True, None, tuple(effects))
+        self._seq += 1
+        today.spend = add(today.spend, usd)
+        today.dispatches += 1
+        today.seen[dispatch_id] = self._seq
+        entry = JournalEntry(
+            seq=self._seq,
+            day=today.day,
+            dispatch_id=dispatch_id,
+            usd=usd,
+            at=now,
+            model=model,
+            agent=agent,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
+        effects.extend(self._crossings(now))
+        return Recorded(self._seq, False, entry, tuple(effects))
+
+    def cycle(self, now: datetime) -> list[Effect]:
+        """Count one heartbeat cycle; every ``persist_every``-th asks for a patch."""
+        effects = self.tick(now)
+        self._today.cycles += 1
+        if self._today.cycles % self.config.persist_every == 0:
+            effects.append(PatchDue(self.snapshot(), "cycle"))
+        return effects
+
+    def persisted(self, seq: int, at: datetime, *, patch_written: bool) -> None:
+        """The store confirmed everything up to ``seq`` as durable."""
+        self._durable_seq = max(self._durable_seq, seq)
+        self._store_ok = True
+        if patch_written:
+            self._last_persist_at = at
+        if self._durable_seq >= self._seq:
+            self._catching_up = False
+
+    def store_failed(self) -> None:
+        """A store write failed; it will be retried. Health turns ``degraded``."""
+        self._store_ok = False
+        self._catching_up = True
+
+    # -- views ---------------------------------------------------------------
+
+    @property
+    def day(self) -> str:
+        return self._today.day
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def daily_spend(self) -> Decimal:
+        return self._today.spend
+
+    def snapshot(self) -> Snapshot:
+        today = self._today
+        return Snapshot(
+            day=today.day,
+            daily_spend=today.spend,
+            daily_cap=self.config.daily_cap,
+            cycle_count=today.cycles,
+            dispatches=today.dispatches,
+            alerts_sent=tuple(sorted(today.alerts_sent)),
+            seq=self._seq,
+        )
+
+    def spend(self) -> Spend:
+        today = self._today
+        cap = self.config.daily_cap
+        return Spend(
+            day=today.day,
+            daily_spend=today.spend,
+            daily_cap=cap,
+            remaining=_remaining(cap, today.spend),
+            utilization=_utilization(today.spend, cap),
+            dispatches=today.dispatches,
+            seq=self._seq,
+        )
+
+    def health(self, *, store: str, subscribers: int, uptime_s: float) -> Health:
+        """All health figures; the caller supplies the ones that are not accounting."""
+        today = self._today
+        cap = self.config.daily_cap
+        every = self.config.persist_every
+        degraded = not self._store_ok or self._catching_up
+        return Health(
+            status="degraded" if degraded else "ok",
+            day=today.day,
+            daily_spend=today.spend,
+            daily_cap=cap,
+            remaining=_remaining(cap, today.spend),
+            utilization=_utilization(today.spend, cap),
+            alert_thresholds=tuple(float(t) for t in self.config.alert_at),
+            alerts_sent=tuple(float(t) for t in sorted(today.alerts_sent)),
+            cycle_count=today.cycles,
+            cycles_until_persist=every - today.cycles % every,
+            last_persist_at=self._last_persist_at,
+            store=store,
+            store_ok=self._store_ok,
+            subscribers=subscribers,
+            uptime_s=uptime_s,
+            dispatches=today.dispatches,
+            seq=self._seq,
+            pending=self._seq - self._durable_seq,
+        )
+
+    # -- internals -----------------------------------------------------------
+
+    def _crossings(self, now: datetime) -> list[Effect]:
+        today = self._today
+        cap = self.config.daily_cap
+        effects: list[Effect] = []
+        for threshold in self.config.alert_at:
+            if threshold in today.alerts_sent:
+                continue
+            if today.spend >= MONEY_CONTEXT.multiply(threshold, cap):
+                today.alerts_sent.add(threshold)
+                effects.append(
+                    AlertDue(
+                        Alert(
+                            to=self.config.alert_to,
+                            day=today.day,
+                            threshold=threshold,
+                            daily_spend=today.spend,
+                            daily_cap=cap,
+                            created_at=now,
+                        )
+                    )
+                )
+        return effects
+
+
+def _remaining(cap: Decimal, spend: Decimal) -> Decimal:
+    # Never negative: "remaining" answers "how much may still be spent"; the
+    # overrun itself is visible as utilization above 1.
+    return max(sub(cap, spend), Decimal(0))
+
+
+def _utilization(spend: Decimal, cap: Decimal) -> float:
+    return float(MONEY_CONTEXT.divide(spend, cap))
+
+

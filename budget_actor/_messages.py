@@ -1,0 +1,121 @@
+"""The actor's mailbox messages.
+
+Every message is a msgspec Struct, cheap to build and typed. Requests that need
+an answer carry a reply object that the actor fills in without ever waiting:
+the requester is the one who waits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Generic, TypeVar
+
+import msgspec
+import trio
+
+from ._fanout import Subscription
+from ._records import Alert
+from ._views import Health
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """A one-shot answer: the actor calls :meth:`set`, the requester awaits :meth:`get`."""
+
+    __slots__ = ("_done", "_value")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+
+    def set(self, value: T) -> None:
+        self._value = value
+        self._done.set()
+
+    async def get(self) -> T:
+        await self._done.wait()
+        value = self._value
+        assert value is not None
+        return value
+
+
+class CostReceipt:
+    """The actor's answer to a cost, completed in two steps.
+
+    The actor fills ``seq`` and ``duplicate`` at once; the persister sets
+    ``durable`` once the cost (or, for a duplicate, the original) is in the
+    store. An ``ack`` is sent only after ``durable``.
+    """
+
+    __slots__ = ("duplicate", "durable", "seq")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.duplicate = False
+        self.durable = trio.Event()
+
+
+class RecordCost(msgspec.Struct):
+    """Count a validated cost. ``receipt`` is None for fire-and-forget sends."""
+
+    dispatch_id: str
+    usd: Decimal
+    model: str | None = None
+    agent: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    receipt: CostReceipt | None = None
+
+
+class CountCycle(msgspec.Struct):
+    pass
+
+
+class QueryHealth(msgspec.Struct):
+    reply: Reply[Health]
+
+
+class Subscribe(msgspec.Struct):
+    subscription: Subscription
+
+
+class Unsubscribe(msgspec.Struct):
+    subscription: Subscription
+
+
+class Tick(msgspec.Struct):
+    """Time passes: lets the day roll over at midnight even with no traffic."""
+
+
+class StoreReport(msgspec.Struct):
+    """From the persister: a write succeeded (through ``seq``) or failed."""
+
+    ok: bool
+    seq: int
+    at: datetime
+    patch_written: bool = False
+
+
+class AlertDelivered(msgspec.Struct):
+    """From the alerter: the nudge row is written; push the alert to subscribers."""
+
+    alert: Alert
+
+
+class Shutdown(msgspec.Struct):
+    """Stop after everything sent before this message has been handled."""
+
+
+Message = (
+    RecordCost
+    | CountCycle
+    | QueryHealth
+    | Subscribe
+    | Unsubscribe
+    | Tick
+    | StoreReport
+    | AlertDelivered
+    | Shutdown
+)

@@ -1,0 +1,97 @@
+"""Money: exact decimal amounts, parsed and checked in one place.
+
+Every amount in budget_actor is a :class:`decimal.Decimal`. Amounts arrive as
+JSON strings or JSON numbers (msgspec reads a number exactly from its text) or
+as Python values from the in-process API; all of them pass through
+:func:`parse_usd` before the actor sees them.
+"""
+
+from __future__ import annotations
+
+import decimal
+from decimal import Decimal
+
+# A dedicated context: the default one rounds to 28 significant digits, which
+# would silently round a day's sum of many micro-cent costs. 60 digits holds any
+# realistic daily total to far below a millionth of a cent, and Overflow/
+# InvalidOperation traps make an impossible figure an error, never a guess.
+MONEY_CONTEXT = decimal.Context(
+    prec=60,
+    rounding=decimal.ROUND_HALF_EVEN,
+    traps=[decimal.InvalidOperation, decimal.Overflow, decimal.DivisionByZero],
+)
+
+# Longest amount text we agree to look at. A 10,000-digit number is not a cost;
+# refusing it by length keeps Decimal from doing quadratic work on hostile input.
+MAX_AMOUNT_CHARS = 64
+
+# More than 12 decimal places is below any provider's billing unit; rejecting
+# them keeps stored values short and sums exact within MONEY_CONTEXT.
+MAX_DECIMAL_PLACES = 12
+
+DEFAULT_MAX_COST = Decimal("1000")
+
+
+class InvalidAmount(ValueError):
+    """An amount was not a finite, non-negative, in-range decimal."""
+
+
+def parse_usd(value: object, *, field: str = "usd", maximum: Decimal | None = None) -> Decimal:
+    """Return ``value`` as an exact, validated :class:`Decimal`.
+
+    Accepts a ``Decimal``, an ``int`` or a decimal string. Floats are refused:
+    a binary float has already lost the exact amount.
+
+    Raises :class:`InvalidAmount`, whose message names ``field``, when the value
+    is not a number, NaN, infinite, negative, too precise, too long, or above
+    ``maximum``.
+    """
+    if isinstance(value, bool) or isinstance(value, float):
+        raise InvalidAmount(f"`{field}` must be a decimal string or number, got {type(value).__name__}")
+    if isinstance(value, Decimal):
+        amount = value
+    elif isinstance(value, int):
+        amount = Decimal(value)
+    elif isinstance(value, str):
+        if len(value) > MAX_AMOUNT_CHARS:
+            raise InvalidAmount(f"`{field}` is too long ({len(value)} characters)")
+        try:
+            amount = Decimal(value.strip())
+        except decimal.InvalidOperation:
+            raise InvalidAmount(f"`{field}` is not a decimal number: {value[:32]!r}") from None
+    else:
+        raise InvalidAmount(f"`{field}` must be a decimal string or number, got {type(value).__name__}")
+    return check_usd(amount, field=field, maximum=maximum)
+
+
+def check_usd(amount: Decimal, *, field: str = "usd", maximum: Decimal | None = None) -> Decimal:
+    """Validate an already-parsed Decimal; see :func:`parse_usd`."""
+    if not amount.is_finite():
+        raise InvalidAmount(f"`{field}` must be finite, got {amount}")
+    if amount.is_signed() and amount != 0:
+        raise InvalidAmount(f"`{field}` must not be negative, got {amount}")
+    if maximum is not None and amount > maximum:
+        raise InvalidAmount(f"`{field}` {amount} is above the per-dispatch maximum {maximum}")
+    exponent = amount.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite, checked above
+    if -exponent > MAX_DECIMAL_PLACES:
+        raise InvalidAmount(f"`{field}` has more than {MAX_DECIMAL_PLACES} decimal places")
+    if len(amount.as_tuple().digits) > MAX_AMOUNT_CHARS:
+        raise InvalidAmount(f"`{field}` has too many digits")
+    # -0 and 0E+3 become a plain 0; the sign of zero is not money.
+    return amount.copy_abs() if amount == 0 else amount
+
+
+def add(a: Decimal, b: Decimal) -> Decimal:
+    """Exact sum under :data:`MONEY_CONTEXT`."""
+    return MONEY_CONTEXT.add(a, b)
+
+
+def sub(a: Decimal, b: Decimal) -> Decimal:
+    """Exact difference under :data:`MONEY_CONTEXT`."""
+    return MONEY_CONTEXT.subtract(a, b)
+
+
+def to_wire(amount: Decimal) -> str:
+    """The JSON-string form of an amount: plain notation, never an exponent."""
+    return format(amount, "f")

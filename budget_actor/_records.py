@@ -1,0 +1,127 @@
+"""The values that cross from the accounting to the store and the wire.
+
+These are plain, immutable msgspec Structs: a budget patch snapshot, a journal
+entry for one accepted cost, an alert (sibling nudge), and what a store hands
+back on restore. They know how to render the database rows that the contract
+fixes (``quilt_patches``) so that both stores write byte-identical bodies.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from ._money import to_wire
+
+PATCH_TYPE = "budget"
+NUDGE_TYPE = "sibling_nudge"
+NUDGE_FROM = "budget_actor"
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One day's totals: the body of the ``budget_{day}`` patch."""
+
+    day: str
+    daily_spend: Decimal
+    daily_cap: Decimal
+    cycle_count: int
+    dispatches: int
+    alerts_sent: tuple[Decimal, ...]
+    # Highest journal sequence number included in these totals; restore
+    # replays only journal entries after it.
+    seq: int
+
+    @property
+    def patch_name(self) -> str:
+        return f"budget_{self.day}"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "date": self.day,
+            "daily_spend": to_wire(self.daily_spend),
+            "daily_cap": to_wire(self.daily_cap),
+            "cycle_count": self.cycle_count,
+            "dispatches": self.dispatches,
+            "alerts_sent": [float(t) for t in self.alerts_sent],
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Snapshot:
+        return cls(
+            day=str(body["date"]),
+            daily_spend=Decimal(str(body["daily_spend"])),
+            daily_cap=Decimal(str(body["daily_cap"])),
+            cycle_count=int(body.get("cycle_count", 0)),
+            dispatches=int(body.get("dispatches", 0)),
+            alerts_sent=tuple(Decimal(str(t)) for t in body.get("alerts_sent", ())),
+            seq=int(body.get("seq", 0)),
+        )
+
+
+class JournalEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One accepted cost, as the journal keeps it."""
+
+    seq: int
+    day: str
+    dispatch_id: str
+    usd: Decimal
+    at: datetime
+    model: str | None = None
+    agent: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class Alert(msgspec.Struct, frozen=True, kw_only=True):
+    """A threshold crossing: the sibling nudge to ``to``."""
+
+    to: str
+    day: str
+    threshold: Decimal
+    daily_spend: Decimal
+    daily_cap: Decimal
+    created_at: datetime
+
+    @property
+    def percent(self) -> str:
+        return format((self.threshold * 100).normalize(), "f")
+
+    @property
+    def nudge_name(self) -> str:
+        return f"budget_alert_{self.day}_{self.percent}"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "to": self.to,
+            "from": NUDGE_FROM,
+            "day": self.day,
+            "threshold": float(self.threshold),
+            "daily_spend": to_wire(self.daily_spend),
+            "daily_cap": to_wire(self.daily_cap),
+            "created_at": iso_utc(self.created_at),
+        }
+
+
+class Restored(msgspec.Struct, frozen=True, kw_only=True):
+    """What a store knows about ``day`` at startup."""
+
+    day: str
+    # Today's budget patch, if one was written.
+    patch: Snapshot | None
+    # Journal entries of ``day`` with a seq above the patch's, in seq order.
+    entries: tuple[JournalEntry, ...]
+    # Every dispatch id journaled on ``day`` (for dedupe across restarts).
+    dispatch_ids: frozenset[str]
+    # Thresholds whose nudge row for ``day`` exists.
+    alerts_sent: frozenset[Decimal]
+    # Highest seq ever journaled or patched, so seq keeps growing.
+    max_seq: int
+
+
+def iso_utc(moment: datetime) -> str:
+    """ISO 8601 in UTC, the timestamp format of the SQLite store and bodies."""
+    return moment.astimezone(UTC).isoformat()

@@ -1,0 +1,263 @@
+"""The in-process API: start a budget service inside your trio program.
+
+::
+
+    async with budget_actor.open_budget(database="sqlite:///budget.db") as budget:
+        receipt = await budget.record("dispatch-1", "0.045864", model="gpt-x")
+        await budget.cycle()
+        print((await budget.health()).daily_spend)
+
+:func:`open_budget` opens the store, restores today, starts the actor and its
+children, and on exit stops them with a final persist. A :class:`Budget` is the
+handle: every call is a message to the actor, so it is safe to use from any
+number of tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import msgspec
+import trio
+
+from ._actor import BudgetActor
+from ._config import BudgetConfig
+from ._fanout import Published, Subscription
+from ._messages import (
+    CostReceipt,
+    CountCycle,
+    Message,
+    QueryHealth,
+    RecordCost,
+    Reply,
+    Shutdown,
+    Subscribe,
+    Unsubscribe,
+)
+from ._money import InvalidAmount, check_usd
+from ._store import Store, open_store
+from ._supervisor import RestartPolicy
+from ._views import Health, Update
+from ._wire import CostRequest
+
+# Bounded, so that a flood of costs slows its senders (backpressure) instead of
+# growing memory without limit. Large enough that the actor drains it in
+# batches and senders rarely wait.
+MAILBOX_SIZE = 4096
+
+
+class InvalidCost(ValueError):
+    """A cost was refused; nothing changed. The message names the field."""
+
+
+class ServiceStopped(RuntimeError):
+    """The budget service has stopped; the call had no effect."""
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    """The answer to :meth:`Budget.record`: the cost is durable in the store."""
+
+    dispatch_id: str
+    seq: int
+    duplicate: bool
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Budget:
+    """Handle on a running budget service. Create it with :func:`open_budget`."""
+
+    def __init__(self, config: BudgetConfig, store_kind: str, outbox: trio.MemorySendChannel[Message]) -> None:
+        self.config = config
+        self.store_kind = store_kind
+        self._outbox = outbox
+
+    async def record(
+        self,
+        dispatch_id: str,
+        usd: Decimal | str | int,
+        *,
+        model: str | None = None,
+        agent: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> Receipt:
+        """Count one dispatch's cost; return once it is durable in the store.
+
+        A ``dispatch_id`` already counted today is not counted again
+        (``duplicate=True``). Raises :class:`InvalidCost` (nothing changed) for
+        a bad amount or field, and :class:`ServiceStopped` after shutdown. If the
+        store is down this waits until it is back; cancelling the wait does not
+        un-count the cost, and re-sending it is safe (same ``dispatch_id``).
+        """
+        receipt = CostReceipt()
+        await self._send(
+            _validated(self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens, receipt)
+        )
+        await receipt.durable.wait()
+        return Receipt(dispatch_id, receipt.seq, receipt.duplicate)
+
+    async def send_cost(
+        self,
+        dispatch_id: str,
+        usd: Decimal | str | int,
+        *,
+        model: str | None = None,
+        agent: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """Fire and forget: hand the cost to the actor and return at once.
+
+        The cost is validated here (:class:`InvalidCost`) and counted in
+        order with everything else, but this returns before it is durable: if
+        the process dies in the next few milliseconds, the cost is lost and
+        nobody is told. Use :meth:`record` when that matters.
+        """
+        await self._send(
+            _validated(self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens, None)
+        )
+
+    async def cycle(self) -> None:
+        """Count one heartbeat cycle (every ``persist_every``-th writes the patch)."""
+        await self._send(CountCycle())
+
+    async def health(self) -> Health:
+        """Every health figure, as the actor sees it now."""
+        reply: Reply[Health] = Reply()
+        await self._send(QueryHealth(reply))
+        return await reply.get()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[Update]]:
+        """Live updates: the current :class:`Spend` at once, then every change
+        (latest-value: intermediate states may be skipped) and every
+        :class:`AlertNotice` (never skipped). The iterator ends when the
+        service stops.
+        """
+        subscription = await self.open_subscription()
+        try:
+            yield _updates(subscription)
+        finally:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                self._outbox.send_nowait(Unsubscribe(subscription))
+            subscription.close()
+
+    async def open_subscription(self) -> Subscription:
+        """Lower-level :meth:`subscribe` for servers: items are
+        :class:`Published` (with a cached JSON frame) or alerts. The caller
+        must send :meth:`unsubscribe` when done."""
+        subscription = Subscription()
+        await self._send(Subscribe(subscription))
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        subscription.close()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            self._outbox.send_nowait(Unsubscribe(subscription))
+
+    async def stop(self) -> None:
+        """Ask the actor to stop after everything already sent (idempotent)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._outbox.send(Shutdown())
+
+    async def _send(self, message: Message) -> None:
+        try:
+            await self._outbox.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ServiceStopped("the budget service has stopped") from None
+
+
+async def _updates(subscription: Subscription) -> AsyncIterator[Update]:
+    while True:
+        try:
+            item = await subscription.next()
+        except trio.EndOfChannel:
+            return
+        yield item.spend if isinstance(item, Published) else item
+
+
+def _validated(
+    config: BudgetConfig,
+    dispatch_id: str,
+    usd: object,
+    model: str | None,
+    agent: str | None,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    receipt: CostReceipt | None,
+) -> RecordCost:
+    if isinstance(usd, float | bool):
+        raise InvalidCost("`usd` must be a Decimal, str or int, not a binary float")
+    try:
+        request = msgspec.convert(
+            {
+                "type": "cost",
+                "dispatch_id": dispatch_id,
+                "usd": usd,
+                "model": model,
+                "agent": agent,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+            },
+            CostRequest,
+        )
+        usd_checked = check_usd(request.usd, maximum=config.max_cost)
+    except (msgspec.ValidationError, InvalidAmount) as exc:
+        raise InvalidCost(str(exc)) from None
+    return RecordCost(
+        request.dispatch_id,
+        usd_checked,
+        request.model,
+        request.agent,
+        request.input_tokens,
+        request.output_tokens,
+        receipt,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_budget(
+    config: BudgetConfig | None = None,
+    *,
+    database: str | Store = "sqlite:///budget.db",
+    clock: Callable[[], datetime] = _utc_now,
+    policy: RestartPolicy | None = None,
+) -> AsyncIterator[Budget]:
+    """Open the store, restore today and run the budget actor for the block.
+
+    ``database`` is a URL (``sqlite:///PATH`` or ``postgresql://…``) or a
+    :class:`Store`. ``clock`` returns the current time as an aware datetime
+    (inject one to test day rollover).
+
+    Raises :class:`~budget_actor.StoreError` if the store cannot be opened or
+    read. If a child task fails too often, the block is cancelled and an
+    ``ExceptionGroup`` holding :class:`~budget_actor.Escalation` propagates.
+    On exit (normal, exception or cancellation) the actor handles what was
+    already sent, then writes everything with a final patch (bounded time).
+    """
+    config = config or BudgetConfig()
+    store = open_store(database) if isinstance(database, str) else database
+    limiter = trio.CapacityLimiter(1)
+    await trio.to_thread.run_sync(store.open, limiter=limiter)
+    try:
+        outbox, inbox = trio.open_memory_channel[Message](MAILBOX_SIZE)
+        actor = BudgetActor(
+            config, store, inbox, outbox, clock=clock, limiter=limiter, policy=policy or RestartPolicy()
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            budget = Budget(config, store.kind, outbox)
+            try:
+                yield budget
+            finally:
+                with trio.CancelScope(shield=True):
+                    await budget.stop()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close, limiter=limiter)

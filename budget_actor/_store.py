@@ -1,0 +1,290 @@
+"""The store: where patches, nudges and the cost journal live.
+
+One small, synchronous interface (:class:`Store`) with two implementations,
+SQLite (the embedded default) and PostgreSQL (production). Every method blocks,
+so the service calls them only from a worker thread via
+``trio.to_thread.run_sync`` under one ``CapacityLimiter`` (see
+:mod:`budget_actor._persister`); psycopg's async API is asyncio-only.
+
+Only the persister writes. A failed call raises :class:`StoreError` and drops
+the connection, so the next call reconnects: that is how an outage ends.
+
+Tables:
+
+* ``quilt_patches`` exactly as the contract fixes it (the service creates it if
+  missing and only ever upserts rows named ``budget_*`` / ``budget_alert_*``).
+* ``budget_journal``: one row per accepted cost, keyed by ``seq``, with
+  ``(day, dispatch_id)`` unique, so that a replayed write can never count twice.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from ._records import (
+    NUDGE_TYPE,
+    PATCH_TYPE,
+    Alert,
+    JournalEntry,
+    Restored,
+    Snapshot,
+)
+
+
+class StoreError(Exception):
+    """The store could not be reached or refused an operation."""
+
+
+class Store(ABC):
+    """A DB-API store. Subclasses supply the connection and dialect details."""
+
+    #: ``"sqlite"`` or ``"postgresql"``, as reported in health.
+    kind: str
+    #: Parameter marker of the driver.
+    _P: str = "%s"
+
+    def __init__(self) -> None:
+        self._conn: Any = None
+
+    # -- dialect hooks -------------------------------------------------------
+
+    @abstractmethod
+    def _connect(self) -> Any: ...
+
+    @abstractmethod
+    def _schema(self) -> Sequence[str]: ...
+
+    @abstractmethod
+    def _json_param(self, body: dict[str, Any]) -> Any: ...
+
+    @abstractmethod
+    def _time_param(self, moment: datetime) -> Any: ...
+
+    @abstractmethod
+    def _read_body(self, value: Any) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _read_time(self, value: Any) -> datetime: ...
+
+    def _json_marker(self) -> str:
+        return self._P
+
+    # -- the interface -------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect and create the tables if missing. Raises :class:`StoreError`."""
+        self._run(self._create)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def load(self, day: str) -> Restored:
+        """Everything restore needs for ``day``. Raises :class:`StoreError`."""
+        result: Restored = self._run(lambda cur: self._load(cur, day))
+        return result
+
+    def write(
+        self,
+        entries: Sequence[JournalEntry],
+        patches: Sequence[Snapshot],
+        nudges: Sequence[Alert],
+        now: datetime,
+    ) -> set[str]:
+        """Write a batch in one transaction; all of it or none of it.
+
+        Journal entries already present (same seq) are skipped, which makes a
+        retried batch harmless. For patches, the last snapshot of each day in
+        ``patches`` wins. Returns the names of the nudge rows that this call
+        inserted; a nudge whose row already existed is not written again.
+        Raises :class:`StoreError`.
+        """
+        inserted: set[str] = self._run(lambda cur: self._write(cur, entries, patches, nudges, now))
+        return inserted
+
+    def get_patch(self, type_: str, name: str) -> dict[str, Any] | None:
+        """The body of one ``quilt_patches`` row, or None."""
+        p = self._P
+        row = self._run(
+            lambda cur: cur.execute(
+                f"SELECT body FROM quilt_patches WHERE type = {p} AND name = {p}", (type_, name)
+            ).fetchone()
+        )
+        return None if row is None else self._read_body(row[0])
+
+    def journal(self, day: str) -> list[JournalEntry]:
+        """Every journal entry of ``day``, in seq order (for audits and reports)."""
+        entries: list[JournalEntry] = self._run(lambda cur: self._entries(cur, day, -1))
+        return entries
+
+    # -- internals -----------------------------------------------------------
+
+    def _run(self, work: Any) -> Any:
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            cur = self._conn.cursor()
+            try:
+                cur.execute("BEGIN")
+                result = work(cur)
+                cur.execute("COMMIT")
+                return result
+            except BaseException:
+                try:
+                    cur.execute("ROLLBACK")
+                except Exception:
+                    self.close()
+                raise
+            finally:
+                try:
+                    cur.close()
+                except Exception:
+                    pass
+        except StoreError:
+            raise
+        except Exception as exc:
+            # Whatever went wrong, a fresh connection is the safe next step.
+            self.close()
+            raise StoreError(f"{self.kind}: {exc}".strip()) from exc
+
+    def _create(self, cur: Any) -> None:
+        for statement in self._schema():
+            cur.execute(statement)
+
+    def _write(
+        self,
+        cur: Any,
+        entries: Sequence[JournalEntry],
+        patches: Sequence[Snapshot],
+        nudges: Sequence[Alert],
+        now: datetime,
+    ) -> set[str]:
+        p = self._P
+        if entries:
+            cur.executemany(
+                "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at, model,"
+                f" agent, input_tokens, output_tokens) VALUES ({p}, {p}, {p}, {p}, {p}, {p},"
+                f" {p}, {p}, {p}) ON CONFLICT (seq) DO NOTHING",
+                [
+                    (
+                        e.seq,
+                        e.day,
+                        e.dispatch_id,
+                        str(e.usd),
+                        self._time_param(e.at),
+                        e.model,
+                        e.agent,
+                        e.input_tokens,
+                        e.output_tokens,
+                    )
+                    for e in entries
+                ],
+            )
+        latest: dict[str, Snapshot] = {}
+        for snap in patches:
+            latest[snap.day] = snap
+        j = self._json_marker()
+        stamp = self._time_param(now)
+        for snap in latest.values():
+            cur.execute(
+                "INSERT INTO quilt_patches (type, name, body, created_at, updated_at)"
+                f" VALUES ({p}, {p}, {j}, {p}, {p}) ON CONFLICT (type, name)"
+                " DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+                (PATCH_TYPE, snap.patch_name, self._json_param(snap.body()), stamp, stamp),
+            )
+        inserted: set[str] = set()
+        for alert in nudges:
+            cur.execute(
+                "INSERT INTO quilt_patches (type, name, body, created_at, updated_at)"
+                f" VALUES ({p}, {p}, {j}, {p}, {p}) ON CONFLICT (type, name) DO NOTHING",
+                (NUDGE_TYPE, alert.nudge_name, self._json_param(alert.body()), stamp, stamp),
+            )
+            if cur.rowcount == 1:
+                inserted.add(alert.nudge_name)
+        return inserted
+
+    def _entries(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
+        p = self._P
+        cur.execute(
+            "SELECT seq, day, dispatch_id, usd, recorded_at, model, agent, input_tokens,"
+            f" output_tokens FROM budget_journal WHERE day = {p} AND seq > {p} ORDER BY seq",
+            (day, after_seq),
+        )
+        return [
+            JournalEntry(
+                seq=int(r[0]),
+                day=str(r[1]),
+                dispatch_id=str(r[2]),
+                usd=Decimal(str(r[3])),
+                at=self._read_time(r[4]),
+                model=r[5],
+                agent=r[6],
+                input_tokens=r[7],
+                output_tokens=r[8],
+            )
+            for r in cur.fetchall()
+        ]
+
+    def _load(self, cur: Any, day: str) -> Restored:
+        p = self._P
+        cur.execute(
+            f"SELECT body FROM quilt_patches WHERE type = {p} AND name = {p}",
+            (PATCH_TYPE, f"budget_{day}"),
+        )
+        row = cur.fetchone()
+        patch = None if row is None else Snapshot.from_body(self._read_body(row[0]))
+        entries = self._entries(cur, day, patch.seq if patch else -1)
+        cur.execute(f"SELECT dispatch_id FROM budget_journal WHERE day = {p}", (day,))
+        ids = frozenset(str(r[0]) for r in cur.fetchall())
+        prefix = f"budget_alert_{day}_"
+        cur.execute(
+            f"SELECT name FROM quilt_patches WHERE type = {p} AND name LIKE {p}",
+            (NUDGE_TYPE, prefix + "%"),
+        )
+        sent: set[Decimal] = set()
+        for (name,) in cur.fetchall():
+            try:
+                sent.add((Decimal(str(name)[len(prefix) :]) / 100).normalize())
+            except ArithmeticError:
+                continue  # not one of ours; never touch it
+        cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_journal")
+        max_seq = int(cur.fetchone()[0])
+        if patch is not None:
+            max_seq = max(max_seq, patch.seq)
+        return Restored(
+            day=day,
+            patch=patch,
+            entries=tuple(entries),
+            dispatch_ids=ids,
+            alerts_sent=frozenset(sent),
+            max_seq=max_seq,
+        )
+
+
+def open_store(url: str) -> Store:
+    """A store for ``url`` (``sqlite:///PATH`` or ``postgresql://…``), not yet opened.
+
+    Raises :class:`StoreError` for a URL of an unknown kind.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        from ._store_postgres import PostgresStore
+
+        return PostgresStore(url)
+    if url.startswith("sqlite:///"):
+        from ._store_sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite:///"))
+    raise StoreError(f"unsupported database URL {url.split('://')[0]!r}: use sqlite:///PATH or postgresql://…")
+
+
+def dumps(body: dict[str, Any]) -> str:
+    """Compact JSON text of a row body."""
+    return json.dumps(body, separators=(",", ":"), sort_keys=True)

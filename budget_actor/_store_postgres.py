@@ -1,0 +1,58 @@
+"""PostgreSQL store, through psycopg's synchronous API (run in worker threads)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from ._store import Store, dumps
+
+# A dead server must surface as an error quickly, so that health turns
+# "degraded" and the persister backs off, instead of hanging a worker thread.
+CONNECT_TIMEOUT_S = 5
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS quilt_patches (type text NOT NULL, name text NOT NULL,"
+    " body jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
+    " updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (type, name))",
+    "CREATE TABLE IF NOT EXISTS budget_journal (seq bigint PRIMARY KEY, day text NOT NULL,"
+    " dispatch_id text NOT NULL, usd numeric NOT NULL, recorded_at timestamptz NOT NULL,"
+    " model text, agent text, input_tokens bigint, output_tokens bigint,"
+    " UNIQUE (day, dispatch_id))",
+)
+
+
+class PostgresStore(Store):
+    kind = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def _connect(self) -> Any:
+        # autocommit: the base class issues BEGIN/COMMIT itself, the same SQL
+        # for both drivers.
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+
+    def _schema(self) -> Sequence[str]:
+        return _SCHEMA
+
+    def _json_marker(self) -> str:
+        return "%s::jsonb"
+
+    def _json_param(self, body: dict[str, Any]) -> Any:
+        return dumps(body)
+
+    def _time_param(self, moment: datetime) -> Any:
+        return moment
+
+    def _read_body(self, value: Any) -> dict[str, Any]:
+        body: dict[str, Any] = value
+        return body
+
+    def _read_time(self, value: Any) -> datetime:
+        moment: datetime = value
+        return moment

@@ -1,0 +1,74 @@
+"""The figures the service shows: ``spend`` pushes, ``alert`` pushes and health.
+
+These Structs are both the in-process return values and, encoded by msgspec,
+the wire messages of the contract: amounts are ``Decimal`` (encoded as JSON
+strings), fractions such as utilization and thresholds are floats.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+
+
+class Spend(msgspec.Struct, frozen=True, kw_only=True, tag="spend", tag_field="type"):
+    """The day's spend, as pushed to subscribers."""
+
+    day: str
+    daily_spend: Decimal
+    daily_cap: Decimal
+    remaining: Decimal
+    utilization: float
+    dispatches: int
+    seq: int
+
+
+class AlertNotice(msgspec.Struct, frozen=True, kw_only=True, tag="alert", tag_field="type"):
+    """A threshold crossing, as pushed to subscribers (the nudge to AG Lu)."""
+
+    to: str
+    day: str
+    threshold: float
+    daily_spend: Decimal
+    daily_cap: Decimal
+
+
+class Health(
+    msgspec.Struct, frozen=True, kw_only=True, tag="health", tag_field="type", omit_defaults=True
+):
+    """Every health figure of the contract, plus a few that operators need.
+
+    ``status`` is ``degraded`` while the store is failing or still catching up
+    with costs accepted during a failure; ``pending`` counts those costs.
+    """
+
+    status: Literal["ok", "degraded"]
+    day: str
+    daily_spend: Decimal
+    daily_cap: Decimal
+    remaining: Decimal
+    utilization: float
+    alert_thresholds: tuple[float, ...]
+    alerts_sent: tuple[float, ...]
+    cycle_count: int
+    cycles_until_persist: int
+    last_persist_at: datetime | None
+    store: str
+    store_ok: bool
+    subscribers: int
+    uptime_s: float
+    dispatches: int
+    seq: int
+    pending: int
+    # Echo of the request's ``id``; omitted when the request had none.
+    id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+Update = Spend | AlertNotice
