@@ -300,5 +300,3 @@ def _remaining(cap: Decimal, spend: Decimal) -> Decimal:
 
 def _utilization(spend: Decimal, cap: Decimal) -> float:
     return float(MONEY_CONTEXT.divide(spend, cap))
-
-

@@ -47,7 +47,9 @@ def parse_usd(value: object, *, field: str = "usd", maximum: Decimal | None = No
     ``maximum``.
     """
     if isinstance(value, bool) or isinstance(value, float):
-        raise InvalidAmount(f"`{field}` must be a decimal string or number, got {type(value).__name__}")
+        raise InvalidAmount(
+            f"`{field}` must be a decimal string or number, got {type(value).__name__}"
+        )
     if isinstance(value, Decimal):
         amount = value
     elif isinstance(value, int):
@@ -60,7 +62,9 @@ def parse_usd(value: object, *, field: str = "usd", maximum: Decimal | None = No
         except decimal.InvalidOperation:
             raise InvalidAmount(f"`{field}` is not a decimal number: {value[:32]!r}") from None
     else:
-        raise InvalidAmount(f"`{field}` must be a decimal string or number, got {type(value).__name__}")
+        raise InvalidAmount(
+            f"`{field}` must be a decimal string or number, got {type(value).__name__}"
+        )
     return check_usd(amount, field=field, maximum=maximum)
 
 

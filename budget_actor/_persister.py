@@ -133,7 +133,9 @@ class Persister:
             delay = RETRY_INITIAL_S
             done, self.queue.batch = self.queue.batch, []
             seq, patch_written = _summary(done)
-            await self.report(StoreReport(ok=True, seq=seq, at=self.clock(), patch_written=patch_written))
+            await self.report(
+                StoreReport(ok=True, seq=seq, at=self.clock(), patch_written=patch_written)
+            )
 
     async def final_flush(self, final_patch: Snapshot | None, extra: list[Job]) -> None:
         """Write everything still queued, plus ``extra`` and ``final_patch``.

@@ -72,7 +72,9 @@ def _utc_now() -> datetime:
 class Budget:
     """Handle on a running budget service. Create it with :func:`open_budget`."""
 
-    def __init__(self, config: BudgetConfig, store_kind: str, outbox: trio.MemorySendChannel[Message]) -> None:
+    def __init__(
+        self, config: BudgetConfig, store_kind: str, outbox: trio.MemorySendChannel[Message]
+    ) -> None:
         self.config = config
         self.store_kind = store_kind
         self._outbox = outbox
@@ -95,10 +97,10 @@ class Budget:
         store is down this waits until it is back; cancelling the wait does not
         un-count the cost, and re-sending it is safe (same ``dispatch_id``).
         """
-        receipt = CostReceipt()
-        await self._send(
-            _validated(self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens, receipt)
+        request = _validated(
+            self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens
         )
+        receipt = await self.submit(request)
         await receipt.durable.wait()
         return Receipt(dispatch_id, receipt.seq, receipt.duplicate)
 
@@ -119,9 +121,30 @@ class Budget:
         the process dies in the next few milliseconds, the cost is lost and
         nobody is told. Use :meth:`record` when that matters.
         """
-        await self._send(
-            _validated(self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens, None)
+        request = _validated(
+            self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens
         )
+        await self.submit(request, durable_receipt=False)
+
+    async def submit(self, request: CostRequest, *, durable_receipt: bool = True) -> CostReceipt:
+        """Hand an already validated cost (from :func:`budget_actor._wire.decode`)
+        to the actor and return its receipt at once, without waiting for
+        durability: ``receipt.durable`` is set once it is in the store. For
+        servers that pipeline; others use :meth:`record`.
+        """
+        receipt = CostReceipt()
+        await self._send(
+            RecordCost(
+                request.dispatch_id,
+                request.usd,
+                request.model,
+                request.agent,
+                request.input_tokens,
+                request.output_tokens,
+                receipt if durable_receipt else None,
+            )
+        )
+        return receipt
 
     async def cycle(self) -> None:
         """Count one heartbeat cycle (every ``persist_every``-th writes the patch)."""
@@ -158,7 +181,9 @@ class Budget:
 
     def unsubscribe(self, subscription: Subscription) -> None:
         subscription.close()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock
+        ):
             self._outbox.send_nowait(Unsubscribe(subscription))
 
     async def stop(self) -> None:
@@ -190,8 +215,7 @@ def _validated(
     agent: str | None,
     input_tokens: int | None,
     output_tokens: int | None,
-    receipt: CostReceipt | None,
-) -> RecordCost:
+) -> CostRequest:
     if isinstance(usd, float | bool):
         raise InvalidCost("`usd` must be a Decimal, str or int, not a binary float")
     try:
@@ -207,18 +231,10 @@ def _validated(
             },
             CostRequest,
         )
-        usd_checked = check_usd(request.usd, maximum=config.max_cost)
+        check_usd(request.usd, maximum=config.max_cost)
     except (msgspec.ValidationError, InvalidAmount) as exc:
         raise InvalidCost(str(exc)) from None
-    return RecordCost(
-        request.dispatch_id,
-        usd_checked,
-        request.model,
-        request.agent,
-        request.input_tokens,
-        request.output_tokens,
-        receipt,
-    )
+    return request
 
 
 @contextlib.asynccontextmanager
@@ -248,7 +264,13 @@ async def open_budget(
     try:
         outbox, inbox = trio.open_memory_channel[Message](MAILBOX_SIZE)
         actor = BudgetActor(
-            config, store, inbox, outbox, clock=clock, limiter=limiter, policy=policy or RestartPolicy()
+            config,
+            store,
+            inbox,
+            outbox,
+            clock=clock,
+            limiter=limiter,
+            policy=policy or RestartPolicy(),
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(actor.run)

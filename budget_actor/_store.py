@@ -282,7 +282,9 @@ def open_store(url: str) -> Store:
         from ._store_sqlite import SqliteStore
 
         return SqliteStore(url.removeprefix("sqlite:///"))
-    raise StoreError(f"unsupported database URL {url.split('://')[0]!r}: use sqlite:///PATH or postgresql://…")
+    raise StoreError(
+        f"unsupported database URL {url.split('://')[0]!r}: use sqlite:///PATH or postgresql://…"
+    )
 
 
 def dumps(body: dict[str, Any]) -> str:

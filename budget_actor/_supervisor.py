@@ -35,9 +35,7 @@ class Escalation(Exception):
     """A child failed too often; the service must stop."""
 
 
-async def supervise(
-    name: str, child: Callable[[], Awaitable[None]], policy: RestartPolicy
-) -> None:
+async def supervise(name: str, child: Callable[[], Awaitable[None]], policy: RestartPolicy) -> None:
     """Run ``child`` until it returns, restarting it when it raises."""
     failures: deque[float] = deque()
     while True:
@@ -56,9 +54,7 @@ async def supervise(
                 ) from exc
             # Backoff grows with the recent failures only, so a child that
             # failed once last week restarts at once.
-            backoff = min(
-                policy.backoff_initial_s * 2 ** (len(failures) - 1), policy.backoff_max_s
-            )
+            backoff = min(policy.backoff_initial_s * 2 ** (len(failures) - 1), policy.backoff_max_s)
             log.warning(
                 "%s failed (%s: %s); restarting in %.1fs",
                 name,

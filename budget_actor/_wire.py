@@ -34,7 +34,7 @@ ErrorCode = Literal[
 ]
 
 
-class _Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+class _Request(msgspec.Struct, forbid_unknown_fields=True, tag_field="type"):
     pass
 
 

@@ -1,0 +1,199 @@
+"""The ``budget-actor`` command line: ``serve``, ``demo`` and ``status``.
+
+Exit codes: 0 success; 1 the service failed while running (a child escalated)
+or ``status`` found it degraded; 2 a bad option, an unreachable database or an
+unreachable service, always with a one-line message on standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import trio
+
+from ._config import BudgetConfig, ConfigError, make_config
+from ._service import open_budget
+from ._store import StoreError
+from ._supervisor import Escalation
+
+log = logging.getLogger("budget_actor")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # The contract asks for a one-line error; argparse's default prints
+        # the usage block first.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="budget-actor", description="Exact daily LLM spend tracker.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the service until SIGINT/SIGTERM")
+    serve.add_argument("--host", default=_env("BUDGET_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("BUDGET_PORT", "8765")))
+    serve.add_argument("--database", default=_env("BUDGET_DATABASE_URL", "sqlite:///budget.db"))
+    _add_budget_options(serve)
+    serve.add_argument("--log-level", default=_env("BUDGET_LOG_LEVEL", "INFO"))
+    serve.set_defaults(run=_cmd_serve)
+
+    demo = commands.add_parser("demo", help="a self-contained run on a temporary database")
+    demo.set_defaults(run=_cmd_demo)
+
+    status = commands.add_parser("status", help="print a running service's health")
+    status.add_argument("--url", default=_env("BUDGET_URL", DEFAULT_URL))
+    status.add_argument("--json", action="store_true", help="print the health JSON")
+    status.set_defaults(run=_cmd_status)
+    return parser
+
+
+def _add_budget_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--daily-cap", default=_env("BUDGET_DAILY_CAP", "10.00"))
+    parser.add_argument("--alert-at", default=_env("BUDGET_ALERT_AT", "0.8"))
+    parser.add_argument("--alert-to", default=_env("BUDGET_ALERT_TO", "AG Lu"))
+    parser.add_argument("--persist-every", default=_env("BUDGET_PERSIST_EVERY", "10"))
+    parser.add_argument("--timezone", default=_env("BUDGET_TIMEZONE", "UTC"))
+    parser.add_argument("--max-cost", default=_env("BUDGET_MAX_COST", "1000"))
+
+
+def _config(args: argparse.Namespace) -> BudgetConfig:
+    return make_config(
+        daily_cap=args.daily_cap,
+        alert_at=args.alert_at,
+        alert_to=args.alert_to,
+        persist_every=args.persist_every,
+        timezone=args.timezone,
+        max_cost=args.max_cost,
+    )
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"budget-actor: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except ValueError as exc:  # e.g. BUDGET_PORT=abc
+        return _fail(str(exc))
+    code: int = args.run(args)
+    return code
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if not 0 <= args.port <= 65535:
+        return _fail(f"`port` must be in 0..65535, got {args.port}")
+    try:
+        code: int = trio.run(_serve, config, args.database, args.host, args.port)
+        return code
+    except BaseException as exc:
+        cause = _find(exc, (StoreError, Escalation, OSError))
+        if isinstance(cause, StoreError):
+            return _fail(f"database unreachable: {cause}")
+        if isinstance(cause, Escalation):
+            return _fail(f"service stopped: {cause}", EXIT_FAILED)
+        if isinstance(cause, OSError):
+            return _fail(f"cannot listen on {args.host}:{args.port}: {cause}")
+        raise
+
+
+def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``, looking inside exception groups."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kinds)
+            if found is not None:
+                return found
+    return None
+
+
+async def _serve(config: BudgetConfig, database: str, host: str, port: int) -> int:
+    from ._server import serve
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_budget(config, database=database) as budget:
+            async with trio.open_nursery() as nursery:
+                real_port = await nursery.start(serve, budget, host, port)
+                shown = f"[{host}]" if ":" in host else host
+                print(
+                    f"budget-actor serving ws://{shown}:{real_port}/ws"
+                    f" (health: http://{shown}:{real_port}/health, store: {budget.store_kind})",
+                    flush=True,
+                )
+                async for signum in signals:
+                    log.info("%s received; persisting and stopping", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+    log.info("stopped cleanly")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    return trio.run(run_demo)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        health = trio.run(_fetch_health, args.url)
+    except (OSError, trio.TooSlowError, ValueError) as exc:
+        return _fail(f"cannot reach {args.url}: {exc}")
+    except Exception as exc:  # trio-websocket handshake errors and friends
+        return _fail(f"cannot reach {args.url}: {type(exc).__name__}: {exc}")
+    if args.json:
+        print(json.dumps(health, indent=2))
+    else:
+        width = max(len(k) for k in health)
+        for key, value in health.items():
+            if key != "type":
+                print(f"{key:<{width}}  {value}")
+    return EXIT_OK if health.get("status") == "ok" else EXIT_FAILED
+
+
+async def _fetch_health(url: str) -> dict[str, Any]:
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(10):
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"type": "health", "id": "status"}))
+            while True:
+                message = json.loads(await ws.get_message())
+                if message.get("type") == "health":
+                    message.pop("id", None)
+                    result: dict[str, Any] = message
+                    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

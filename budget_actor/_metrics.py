@@ -1,0 +1,55 @@
+"""Health figures in the Prometheus text exposition format (pure)."""
+
+from __future__ import annotations
+
+from ._views import Health
+
+_PREFIX = "budget"
+
+
+def render(health: Health) -> str:
+    """``GET /metrics``: every health figure as a gauge, labelled with the day."""
+    day = health.day
+    lines: list[str] = []
+
+    def gauge(name: str, value: object, help_text: str, labels: str = "") -> None:
+        full = f"{_PREFIX}_{name}"
+        if not any(line.startswith(f"# HELP {full} ") for line in lines):
+            lines.append(f"# HELP {full} {help_text}")
+            lines.append(f"# TYPE {full} gauge")
+        lines.append(f"{full}{{{labels}}} {value}" if labels else f"{full} {value}")
+
+    d = f'day="{day}"'
+    gauge("up", 1 if health.ok else 0, "1 when status is ok, 0 when degraded")
+    gauge(
+        "daily_spend_usd", health.daily_spend, "Spend of the budget day in USD (exact decimal)", d
+    )
+    gauge("daily_cap_usd", health.daily_cap, "Daily spend cap in USD", d)
+    gauge("remaining_usd", health.remaining, "Cap minus spend, never negative", d)
+    gauge("utilization_ratio", health.utilization, "Spend divided by cap (0.8 = 80%)", d)
+    gauge("dispatches", health.dispatches, "Costs counted today", d)
+    gauge("seq", health.seq, "Sequence number of the last accepted cost")
+    gauge("cycle_count", health.cycle_count, "Heartbeat cycles counted today", d)
+    gauge("cycles_until_persist", health.cycles_until_persist, "Cycles until the next budget patch")
+    for threshold in health.alert_thresholds:
+        sent = 1 if threshold in health.alerts_sent else 0
+        gauge(
+            "alert_sent",
+            sent,
+            "1 when the alert for this threshold was sent today",
+            f'{d},threshold="{threshold}"',
+        )
+    last = health.last_persist_at.timestamp() if health.last_persist_at else 0
+    gauge(
+        "last_persist_timestamp_seconds", last, "Unix time of the last budget patch (0 = none yet)"
+    )
+    gauge(
+        "store_ok",
+        1 if health.store_ok else 0,
+        "1 when the last store write succeeded",
+        f'store="{health.store}"',
+    )
+    gauge("pending_costs", health.pending, "Accepted costs not yet durable in the store")
+    gauge("subscribers", health.subscribers, "Live subscribers")
+    gauge("uptime_seconds", health.uptime_s, "Seconds since the service started")
+    return "\n".join(lines) + "\n"
