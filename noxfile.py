@@ -1,0 +1,41 @@
+"""Developer sessions: ``nox -s tests lint typecheck bench demo`` (and ``fuzz`` later)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite: SQLite, and PostgreSQL at BUDGET_TEST_DATABASE_URL."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "budget_actor", "tests", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "budget_actor", "tests", "bench", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".", "mypy")
+    session.run("mypy", "--strict", "budget_actor")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks; prints a table and writes bench/results.json. ``-- NAME`` runs one."""
+    session.install("-e", ".")
+    session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    session.install("-e", ".")
+    session.run("budget-actor", "demo")
