@@ -20,8 +20,8 @@ would otherwise let a handler's exception take down the whole server.
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import h11
 import msgspec

@@ -1,0 +1,155 @@
+"""``budget-actor demo``: the whole story in about ten seconds.
+
+A real service (WebSocket server, actor, persister, alerter) runs on a
+temporary SQLite database. A simulated dispatcher sends costs and heartbeat
+cycles over the WebSocket; a simulated AG Lu subscribes and prints what it
+receives. The demo shows the spend climbing, the alert at 80%, the budget
+patch in ``quilt_patches``, then restarts the service and shows the spend
+restored, with no second alert.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from ._config import make_config
+from ._server import serve
+from ._service import open_budget
+from ._store import open_store
+
+MODELS = {
+    "claude-haiku": Decimal("0.0421"),
+    "gpt-4o": Decimal("0.3150"),
+    "llama-70b": Decimal("0.0988"),
+}
+# Time between simulated dispatches: slow enough to watch, fast enough that the
+# demo finishes in about ten seconds.
+PACE_S = 0.12
+COSTS_PER_CYCLE = 3
+
+
+def _say(who: str, text: str) -> None:
+    print(f"[{who:<10}] {text}", flush=True)
+
+
+async def run_demo() -> int:
+    rng = random.Random(7)
+    with tempfile.TemporaryDirectory(prefix="budget-demo-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'budget.db'}"
+        config = make_config(daily_cap="5.00", alert_at="0.8", persist_every=10)
+        _say("demo", f"daily cap ${config.daily_cap}, alert to AG Lu at 80%, database {url}")
+
+        _say("demo", "starting the service")
+        async with open_budget(config, database=url) as budget, trio.open_nursery() as nursery:
+            port = await nursery.start(serve, budget, "127.0.0.1", 0)
+            ws_url = f"ws://127.0.0.1:{port}/ws"
+            _say("demo", f"service ready at {ws_url}")
+            alerts: list[dict[str, Any]] = []
+            nursery.start_soon(_ag_lu, ws_url, alerts)
+            await trio.sleep(0.2)
+            async with open_websocket_url(ws_url) as ws:
+                sent = 0
+                for cycle in range(1, 13):
+                    for _ in range(COSTS_PER_CYCLE):
+                        sent += 1
+                        model = rng.choice(sorted(MODELS))
+                        usd = (MODELS[model] * Decimal(rng.uniform(0.6, 1.4))).quantize(
+                            Decimal("0.000001")
+                        )
+                        ack = await _cost(ws, f"dispatch-{sent:03d}", usd, model)
+                        _say(
+                            "dispatcher",
+                            f"cost {ack['dispatch_id']} ${usd} ({model}) -> ack seq {ack['seq']}",
+                        )
+                        await trio.sleep(PACE_S)
+                    await ws.send_message(json.dumps({"type": "cycle"}))
+                    _say("dispatcher", f"heartbeat cycle {cycle}")
+                ack = await _cost(ws, "dispatch-001", Decimal("0.3150"), "gpt-4o")
+                _say(
+                    "dispatcher",
+                    f"resent dispatch-001 -> ack duplicate={ack['duplicate']} (not counted twice)",
+                )
+                await trio.sleep(0.3)
+            health = await budget.health()
+            await trio.to_thread.run_sync(_show_patch, url, health.day)
+            _say(
+                "demo", f"stopping the service at ${health.daily_spend} ({len(alerts)} alert sent)"
+            )
+            nursery.cancel_scope.cancel()
+
+        _say("demo", "starting the service again on the same database")
+        async with open_budget(config, database=url) as budget, trio.open_nursery() as nursery:
+            port = await nursery.start(serve, budget, "127.0.0.1", 0)
+            ws_url = f"ws://127.0.0.1:{port}/ws"
+            again: list[dict[str, Any]] = []
+            nursery.start_soon(_ag_lu, ws_url, again)
+            await trio.sleep(0.2)
+            async with open_websocket_url(ws_url) as ws:
+                ack = await _cost(ws, "dispatch-after-restart", Decimal("0.0500"), "claude-haiku")
+                _say("dispatcher", f"cost dispatch-after-restart $0.0500 -> ack seq {ack['seq']}")
+            await trio.sleep(0.3)
+            health = await budget.health()
+            _say(
+                "demo",
+                f"restored and running: ${health.daily_spend} of ${health.daily_cap},"
+                f" alerts sent today {list(health.alerts_sent)},"
+                f" new alerts after restart: {len(again)}",
+            )
+            nursery.cancel_scope.cancel()
+    _say("demo", "done")
+    return 0
+
+
+async def _cost(
+    ws: WebSocketConnection, dispatch_id: str, usd: Decimal, model: str
+) -> dict[str, Any]:
+    await ws.send_message(
+        json.dumps({"type": "cost", "dispatch_id": dispatch_id, "usd": str(usd), "model": model})
+    )
+    while True:
+        message: dict[str, Any] = json.loads(await ws.get_message())
+        if message["type"] == "ack":
+            return message
+        if message["type"] == "error":
+            raise RuntimeError(f"service refused a demo cost: {message}")
+
+
+async def _ag_lu(ws_url: str, alerts: list[dict[str, Any]]) -> None:
+    async with open_websocket_url(ws_url) as ws:
+        await ws.send_message(json.dumps({"type": "subscribe"}))
+        while True:
+            message = json.loads(await ws.get_message())
+            if message["type"] == "spend":
+                bar = "#" * int(message["utilization"] * 40)
+                _say(
+                    "AG Lu",
+                    f"spend ${message['daily_spend']:<10} of ${message['daily_cap']}"
+                    f" {message['utilization']:6.1%} |{bar:<40}|",
+                )
+            elif message["type"] == "alert":
+                alerts.append(message)
+                _say(
+                    "AG Lu",
+                    f"*** ALERT for {message['to']}: {message['threshold']:.0%} of the daily cap"
+                    f" reached: ${message['daily_spend']} of ${message['daily_cap']} ***",
+                )
+
+
+def _show_patch(url: str, day: str) -> None:
+    store = open_store(url)
+    store.open()
+    try:
+        name = f"budget_{day}"
+        body = store.get_patch("budget", name)
+        shown = json.dumps(body, sort_keys=True) if body else "(none yet)"
+        _say("store", f"quilt_patches type=budget name={name}: {shown}")
+    finally:
+        store.close()
