@@ -160,6 +160,11 @@ class Persister:
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
+            except Exception:
+                # Not an outage but a bug: retrying would fail the same way,
+                # and raising here would hide the error that stopped the service.
+                log.exception("final flush failed; %d jobs not written", len(queue.batch))
+                return
             queue.batch = []
 
     async def _commit(self, batch: list[Job]) -> None:

@@ -1,0 +1,250 @@
+"""The pure accounting: no trio, no I/O, just events in and effects out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from budget_actor._config import make_config
+from budget_actor._ledger import AlertDue, Ledger, PatchDue, day_of
+from budget_actor._records import JournalEntry, Restored, Snapshot
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+CONFIG = make_config(daily_cap="10.00", alert_at="0.5,0.8", persist_every=3)
+
+
+def test_costs_accumulate_exactly() -> None:
+    ledger = Ledger(CONFIG, T0)
+    for i, usd in enumerate(["0.1", "0.2", "0.000001"]):
+        ledger.record(T0, f"d{i}", Decimal(usd))
+    assert ledger.daily_spend == Decimal("0.300001")
+    health = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    assert health.dispatches == 3
+    assert health.remaining == Decimal("9.699999")
+    assert health.utilization == pytest.approx(0.0300001)
+
+
+def test_duplicate_id_counts_once_and_returns_original_seq() -> None:
+    ledger = Ledger(CONFIG, T0)
+    first = ledger.record(T0, "same", Decimal("1"))
+    again = ledger.record(T0, "same", Decimal("5"))
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert again.seq == first.seq and again.entry is None
+    assert ledger.daily_spend == Decimal("1")
+
+
+def test_seq_grows_with_every_accepted_cost_only() -> None:
+    ledger = Ledger(CONFIG, T0, seq=41)
+    seqs = [ledger.record(T0, d, Decimal("0.01")).seq for d in ["a", "b", "a", "c"]]
+    assert seqs == [42, 43, 42, 44]
+
+
+def test_each_threshold_fires_once_per_day_in_order() -> None:
+    ledger = Ledger(CONFIG, T0)
+    assert ledger.record(T0, "a", Decimal("4.99")).effects == ()
+    crossed = ledger.record(T0, "b", Decimal("3.01")).effects  # 8.00: both at once
+    assert [e.alert.threshold for e in crossed if isinstance(e, AlertDue)] == [
+        Decimal("0.5"),
+        Decimal("0.8"),
+    ]
+    assert all(e.alert.to == "AG Lu" for e in crossed if isinstance(e, AlertDue))
+    assert ledger.record(T0, "c", Decimal("5")).effects == ()
+
+
+def test_threshold_is_reached_at_exactly_the_boundary() -> None:
+    ledger = Ledger(CONFIG, T0)
+    effects = ledger.record(T0, "a", Decimal("5.00")).effects
+    assert [e.alert.percent for e in effects if isinstance(e, AlertDue)] == ["50"]
+
+
+def test_every_nth_cycle_asks_for_a_patch() -> None:
+    ledger = Ledger(CONFIG, T0)
+    ledger.record(T0, "a", Decimal("1.5"))
+    due = [ledger.cycle(T0) for _ in range(6)]
+    assert [len(d) for d in due] == [0, 0, 1, 0, 0, 1]
+    patch = due[2][0]
+    assert isinstance(patch, PatchDue) and patch.reason == "cycle"
+    assert patch.snapshot.cycle_count == 3 and patch.snapshot.daily_spend == Decimal("1.5")
+    health = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    assert (health.cycle_count, health.cycles_until_persist) == (6, 3)
+
+
+def test_rollover_persists_old_day_and_rearms_alerts() -> None:
+    ledger = Ledger(CONFIG, T0)
+    ledger.record(T0, "a", Decimal("9"))
+    ledger.cycle(T0)
+    tomorrow = T0 + timedelta(days=1)
+    recorded = ledger.record(tomorrow, "a", Decimal("6"))  # same id, new day: counts
+    rolled = recorded.effects[0]
+    assert isinstance(rolled, PatchDue) and rolled.reason == "rollover"
+    assert rolled.snapshot.day == "2026-12-01" and rolled.snapshot.daily_spend == Decimal("9")
+    assert rolled.snapshot.alerts_sent == (Decimal("0.5"), Decimal("0.8"))
+    assert not recorded.duplicate
+    assert [e.alert.day for e in recorded.effects if isinstance(e, AlertDue)] == ["2026-12-02"]
+    health = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    assert (health.day, health.daily_spend, health.cycle_count) == ("2026-12-02", Decimal("6"), 0)
+
+
+def test_day_follows_the_configured_time_zone() -> None:
+    tokyo = make_config(timezone="Asia/Tokyo")
+    late_utc = datetime(2026, 12, 1, 15, 30, tzinfo=UTC)  # 00:30 on the 2nd in Tokyo
+    assert day_of(late_utc, tokyo) == "2026-12-02"
+    assert day_of(late_utc, CONFIG) == "2026-12-01"
+    ledger = Ledger(tokyo, datetime(2026, 12, 1, 14, 59, tzinfo=UTC))
+    assert ledger.tick(datetime(2026, 12, 1, 14, 59, 59, tzinfo=UTC)) == []
+    assert len(ledger.tick(datetime(2026, 12, 1, 15, 0, tzinfo=UTC))) == 1
+    assert ledger.day == "2026-12-02"
+
+
+def test_clock_going_backwards_never_reopens_a_day() -> None:
+    ledger = Ledger(CONFIG, T0 + timedelta(days=1))
+    assert ledger.tick(T0) == []
+    ledger.record(T0, "a", Decimal("1"))
+    assert ledger.day == "2026-12-02" and ledger.daily_spend == Decimal("1")
+
+
+def test_naive_datetime_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Ledger(CONFIG, datetime(2026, 12, 1))
+
+
+def test_unvalidated_amount_is_refused_without_change() -> None:
+    ledger = Ledger(CONFIG, T0)
+    for bad in [Decimal("NaN"), Decimal("-1"), Decimal("Infinity")]:
+        with pytest.raises(ValueError):
+            ledger.record(T0, "x", bad)
+    assert ledger.seq == 0 and ledger.daily_spend == 0
+
+
+def test_store_failure_degrades_until_caught_up() -> None:
+    ledger = Ledger(CONFIG, T0)
+    ledger.record(T0, "a", Decimal("1"))
+    ledger.record(T0, "b", Decimal("1"))
+
+    def health() -> tuple[str, bool, int]:
+        h = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+        return h.status, h.store_ok, h.pending
+
+    assert health() == ("ok", True, 2)
+    ledger.store_failed()
+    assert health() == ("degraded", False, 2)
+    ledger.persisted(1, T0, patch_written=False)
+    assert health() == ("degraded", True, 1)  # reachable again, still behind
+    ledger.persisted(2, T0, patch_written=True)
+    assert health() == ("ok", True, 0)
+    assert ledger.health(store="x", subscribers=0, uptime_s=0).last_persist_at == T0
+
+
+def _restored(**kw: object) -> Restored:
+    base: dict[str, object] = {
+        "day": "2026-12-01",
+        "patch": None,
+        "entries": (),
+        "dispatch_ids": frozenset(),
+        "alerts_sent": frozenset(),
+        "max_seq": 0,
+    }
+    base.update(kw)
+    return Restored(**base)  # type: ignore[arg-type]
+
+
+def test_restore_is_patch_plus_later_journal() -> None:
+    patch = Snapshot(
+        day="2026-12-01",
+        daily_spend=Decimal("3.00"),
+        daily_cap=Decimal("10.00"),
+        cycle_count=20,
+        dispatches=7,
+        alerts_sent=(),
+        seq=7,
+    )
+    entry = JournalEntry(seq=8, day="2026-12-01", dispatch_id="late", usd=Decimal("0.25"), at=T0)
+    ledger, effects = Ledger.restore(
+        CONFIG,
+        T0,
+        _restored(patch=patch, entries=(entry,), dispatch_ids=frozenset({"x", "late"}), max_seq=8),
+    )
+    assert effects == []
+    assert ledger.daily_spend == Decimal("3.25")
+    assert ledger.seq == 8
+    h = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    assert (h.dispatches, h.cycle_count) == (8, 20)
+    assert ledger.record(T0, "x", Decimal("1")).duplicate
+
+
+def test_restore_sends_a_missing_alert_but_never_a_sent_one() -> None:
+    entry = JournalEntry(seq=1, day="2026-12-01", dispatch_id="a", usd=Decimal("9"), at=T0)
+    _, effects = Ledger.restore(
+        CONFIG,
+        T0,
+        _restored(entries=(entry,), alerts_sent=frozenset({Decimal("0.5")}), max_seq=1),
+    )
+    assert [e.alert.threshold for e in effects if isinstance(e, AlertDue)] == [Decimal("0.8")]
+
+
+def test_restore_from_an_earlier_day_starts_at_zero() -> None:
+    ledger, effects = Ledger.restore(
+        CONFIG, T0 + timedelta(days=1), _restored(day="2026-12-01", max_seq=50)
+    )
+    assert (ledger.day, ledger.daily_spend, ledger.seq, effects) == ("2026-12-02", 0, 50, [])
+
+
+# -- properties ----------------------------------------------------------------
+
+amounts = st.decimals(
+    min_value=Decimal(0), max_value=Decimal(1000), places=6, allow_nan=False, allow_infinity=False
+)
+events = st.lists(
+    st.one_of(
+        st.tuples(st.just("cost"), st.integers(0, 30), amounts),
+        st.tuples(st.just("cycle"), st.just(0), st.just(Decimal(0))),
+        st.tuples(st.just("hours"), st.integers(1, 30), st.just(Decimal(0))),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events)
+def test_daily_spend_is_the_exact_sum_of_accepted_costs(
+    script: list[tuple[str, int, Decimal]],
+) -> None:
+    config = make_config(daily_cap="100", alert_at="0.5,0.8,1", persist_every=3)
+    ledger = Ledger(config, T0)
+    now = T0
+    expected: dict[str, Decimal] = {}
+    seen: dict[str, set[str]] = {}
+    alerts: dict[str, list[Decimal]] = {}
+    last_seq = 0
+    for kind, n, usd in script:
+        if kind == "hours":
+            now += timedelta(hours=n)
+            ledger.tick(now)
+            continue
+        if kind == "cycle":
+            ledger.cycle(now)
+            continue
+        day = day_of(now, config)
+        recorded = ledger.record(now, f"id{n}", usd)
+        ids = seen.setdefault(day, set())
+        assert recorded.duplicate == (f"id{n}" in ids)
+        if not recorded.duplicate:
+            ids.add(f"id{n}")
+            expected[day] = expected.get(day, Decimal(0)) + usd
+            assert recorded.seq == last_seq + 1
+            last_seq = recorded.seq
+        for effect in recorded.effects:
+            if isinstance(effect, AlertDue):
+                alerts.setdefault(effect.alert.day, []).append(effect.alert.threshold)
+        assert ledger.daily_spend == expected.get(ledger.day, Decimal(0))
+    # Each threshold fires at most once a day, and exactly when reached.
+    for day, fired in alerts.items():
+        assert len(fired) == len(set(fired))
+        assert all(expected[day] >= t * 100 for t in fired)
+    today = ledger.day
+    reached = {t for t in config.alert_at if expected.get(today, Decimal(0)) >= t * 100}
+    assert set(alerts.get(today, [])) == reached

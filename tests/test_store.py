@@ -1,0 +1,202 @@
+"""One contract suite for both stores, against real SQLite and real PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from budget_actor import StoreError, open_store
+from budget_actor._records import Alert, JournalEntry, Snapshot
+from budget_actor._store import Store
+
+T0 = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+DAY = "2026-12-01"
+
+
+def _entry(seq: int, dispatch_id: str, usd: str, day: str = DAY) -> JournalEntry:
+    return JournalEntry(
+        seq=seq, day=day, dispatch_id=dispatch_id, usd=Decimal(usd), at=T0, model="m", agent="a"
+    )
+
+
+def _snapshot(seq: int, spend: str, day: str = DAY, cycles: int = 10) -> Snapshot:
+    return Snapshot(
+        day=day,
+        daily_spend=Decimal(spend),
+        daily_cap=Decimal("10.00"),
+        cycle_count=cycles,
+        dispatches=seq,
+        alerts_sent=(Decimal("0.8"),),
+        seq=seq,
+    )
+
+
+def _alert(threshold: str = "0.8", day: str = DAY) -> Alert:
+    return Alert(
+        to="AG Lu",
+        day=day,
+        threshold=Decimal(threshold),
+        daily_spend=Decimal("8.5"),
+        daily_cap=Decimal("10.00"),
+        created_at=T0,
+    )
+
+
+@pytest.fixture
+def store(database_url: str) -> Any:
+    s = open_store(database_url)
+    s.open()
+    yield s
+    s.close()
+
+
+def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(sql).fetchall()
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_open_creates_tables_and_is_idempotent(database_url: str, store: Store) -> None:
+    store.open()  # a second open must not fail or wipe anything
+    assert _rows(database_url, "SELECT count(*) FROM quilt_patches") == [(0,)]
+    assert _rows(database_url, "SELECT count(*) FROM budget_journal") == [(0,)]
+
+
+def test_round_trip_restores_patch_plus_later_journal(store: Store) -> None:
+    entries = [_entry(1, "a", "0.1"), _entry(2, "b", "0.2"), _entry(3, "c", "0.000000000001")]
+    store.write(entries[:2], [_snapshot(2, "0.3")], [], T0)
+    store.write(entries[2:], [], [], T0)
+    restored = store.load(DAY)
+    assert restored.patch == _snapshot(2, "0.3")
+    assert [e.dispatch_id for e in restored.entries] == ["c"]
+    assert restored.entries[0].usd == Decimal("0.000000000001")
+    assert restored.entries[0].model == "m" and restored.entries[0].at == T0
+    assert restored.dispatch_ids == frozenset({"a", "b", "c"})
+    assert restored.max_seq == 3
+    assert [e.usd for e in store.journal(DAY)] == [Decimal("0.1"), Decimal("0.2"), entries[2].usd]
+
+
+def test_other_days_are_not_restored(store: Store) -> None:
+    store.write([_entry(1, "a", "5", day="2026-11-30")], [_snapshot(1, "5", "2026-11-30")], [], T0)
+    restored = store.load(DAY)
+    assert restored.patch is None and restored.entries == () and not restored.dispatch_ids
+    assert restored.max_seq == 1  # seq keeps growing across days
+
+
+def test_rewriting_a_batch_is_harmless(store: Store) -> None:
+    batch = [_entry(1, "a", "1.5")]
+    store.write(batch, [], [], T0)
+    store.write(batch, [], [], T0)
+    assert [e.seq for e in store.journal(DAY)] == [1]
+
+
+def test_patch_upsert_keeps_created_at_and_last_snapshot_wins(
+    database_url: str, store: Store
+) -> None:
+    store.write([], [_snapshot(1, "1")], [], T0)
+    later = T0 + timedelta(minutes=5)
+    store.write([], [_snapshot(2, "2"), _snapshot(3, "3.5")], [], later)
+    body = store.get_patch("budget", f"budget_{DAY}")
+    assert body == {
+        "date": DAY,
+        "daily_spend": "3.5",
+        "daily_cap": "10.00",
+        "cycle_count": 10,
+        "dispatches": 3,
+        "alerts_sent": [0.8],
+        "seq": 3,
+    }
+    (created, updated) = _rows(
+        database_url,
+        f"SELECT created_at, updated_at FROM quilt_patches WHERE name = 'budget_{DAY}'",
+    )[0]
+    as_dt = [
+        v if isinstance(v, datetime) else datetime.fromisoformat(v) for v in (created, updated)
+    ]
+    assert as_dt == [T0, later]
+
+
+def test_nudge_row_is_written_once(database_url: str, store: Store) -> None:
+    assert store.write([], [], [_alert()], T0) == {f"budget_alert_{DAY}_80"}
+    assert store.write([], [], [_alert()], T0 + timedelta(hours=1)) == set()
+    body = store.get_patch("sibling_nudge", f"budget_alert_{DAY}_80")
+    assert body == {
+        "to": "AG Lu",
+        "from": "budget_actor",
+        "day": DAY,
+        "threshold": 0.8,
+        "daily_spend": "8.5",
+        "daily_cap": "10.00",
+        "created_at": T0.isoformat(),
+    }
+    assert store.load(DAY).alerts_sent == frozenset({Decimal("0.8")})
+
+
+def test_fractional_percent_names_round_trip(store: Store) -> None:
+    store.write([], [], [_alert("0.955")], T0)
+    assert store.get_patch("sibling_nudge", f"budget_alert_{DAY}_95.5") is not None
+    assert store.load(DAY).alerts_sent == frozenset({Decimal("0.955")})
+
+
+def test_rows_it_does_not_own_are_left_alone(database_url: str, store: Store) -> None:
+    foreign = [("note", "budget_2026-12-01", '{"x":1}'), ("sibling_nudge", "hello", '{"y":2}')]
+    for type_, name, body in foreign:
+        sql = (
+            "INSERT INTO quilt_patches (type, name, body, created_at, updated_at) VALUES"
+            f" ('{type_}', '{name}', '{body}', '2026-01-01T00:00:00+00:00',"
+            " '2026-01-01T00:00:00+00:00')"
+        )
+        if database_url.startswith("sqlite"):
+            with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
+                conn.execute(sql)
+        else:
+            with psycopg.connect(database_url) as conn:
+                conn.execute(sql)
+    store.write([], [_snapshot(1, "1")], [_alert()], T0)
+    assert store.load(DAY).alerts_sent == frozenset({Decimal("0.8")})
+    assert store.get_patch("note", "budget_2026-12-01") == {"x": 1}
+    assert store.get_patch("sibling_nudge", "hello") == {"y": 2}
+
+
+def test_postgres_column_types_match_the_contract(pg_url: str) -> None:
+    store = open_store(pg_url)
+    store.open()
+    store.close()
+    types = dict(
+        _rows(
+            pg_url,
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_name = 'quilt_patches' AND table_schema = current_schema()",
+        )
+    )
+    assert types == {
+        "type": "text",
+        "name": "text",
+        "body": "jsonb",
+        "created_at": "timestamp with time zone",
+        "updated_at": "timestamp with time zone",
+    }
+    usd_type = _rows(
+        pg_url,
+        "SELECT data_type FROM information_schema.columns WHERE table_name = 'budget_journal'"
+        " AND column_name = 'usd' AND table_schema = current_schema()",
+    )
+    assert usd_type == [("numeric",)]
+
+
+def test_unreachable_postgres_raises_store_error() -> None:
+    store = open_store("postgresql://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(StoreError, match="postgresql"):
+        store.open()
+
+
+def test_unknown_url_is_refused() -> None:
+    with pytest.raises(StoreError, match="unsupported"):
+        open_store("mysql://x")
