@@ -46,6 +46,7 @@ from ._messages import (
     Unsubscribe,
 )
 from ._persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
+from ._spill import SpillFile
 from ._store import Store
 from ._supervisor import RestartPolicy, supervise
 from ._views import AlertNotice
@@ -74,6 +75,7 @@ class BudgetActor:
         clock: Callable[[], datetime],
         limiter: trio.CapacityLimiter,
         policy: RestartPolicy,
+        spill: SpillFile | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -82,7 +84,8 @@ class BudgetActor:
         self._clock = clock
         self._limiter = limiter
         self._policy = policy
-        self._persist = PersistQueue()
+        self._spill = spill
+        self._persist = PersistQueue(spill)
         self._alerts = AlertQueue()
         self._subscribers: set[Subscription] = set()
         self._published: Published | None = None
@@ -97,6 +100,10 @@ class BudgetActor:
         :class:`~budget_actor._supervisor.Escalation` if a child fails too often.
         """
         now = self._clock()
+        if self._spill is not None:
+            await trio.to_thread.run_sync(
+                _drain_spill, self._spill, self.store, now, limiter=self._limiter
+            )
         restored = await trio.to_thread.run_sync(
             self.store.load, day_of(now, self.config), limiter=self._limiter
         )
@@ -258,3 +265,13 @@ class BudgetActor:
         while True:
             await trio.sleep(TICK_S)
             await self._outbox.send(Tick())
+
+
+def _drain_spill(spill: SpillFile, store: Store, now: datetime) -> None:
+    """Startup: move what an earlier run spilled into the store, before restore."""
+    spill.open()
+    entries = spill.read()
+    if entries:
+        store.write(entries, [], [], now)
+        log.info("recovered %d spilled costs from %s", len(entries), spill.path)
+    spill.clear()

@@ -4,22 +4,32 @@ It takes jobs from its queue (journal entries of accepted costs, budget
 patches, nudge rows, barriers) and group-commits whatever is waiting in one
 transaction, in a worker thread. Then it completes the jobs: a cost's receipt
 becomes ``durable`` (so its ``ack`` may go out), a nudge's reply says whether
-the row was new. It reports each success or failure to the actor, which turns
-health ``degraded`` while the store fails and ``ok`` once it has caught up.
+the row was new. It reports each outcome to the actor, which shows health
+``degraded`` while the store is unreachable or behind.
 
-A failed write is retried with backoff for as long as it takes; jobs keep
-queueing meanwhile and join the next attempt. The queue and the in-flight batch
-live in :class:`PersistQueue`, which outlives any one run of the persister, so a
+**Outages.** When a write fails, the journal entries of the batch go to the
+spill file (fsync'd, group-committed, see :mod:`budget_actor._spill`) and are
+acknowledged from there; patches and nudges wait in memory (they can be
+recomputed from the journal). While the spill file holds entries, new entries
+go there too, so their order is kept, and the store is retried with backoff.
+Once a retry succeeds, spill file, waiting patches and nudges go to the store in
+one transaction, the spill file is emptied, and normal operation resumes.
+Without a spill file, the batch is simply retried until the store takes it, and
+acks wait.
+
+The queue, the in-memory waiting jobs and the spill file live in
+:class:`PersistQueue`, which outlives any one run of the persister, so a
 restarted persister resumes exactly where the failed one stopped. Writes are
-idempotent (journal rows by seq, nudges by name, patches by upsert), so
+idempotent (journal rows by seq and id, nudges by name, patches by upsert), so
 re-writing a batch that did commit is harmless.
 
 Cancellation: a write in progress always completes (trio waits for the worker
-thread); the batch then stays in the queue for :meth:`Persister.final_flush`.
+thread); unwritten jobs stay in the queue for :meth:`Persister.final_flush`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -30,13 +40,14 @@ import trio
 
 from ._messages import CostReceipt, Reply, StoreReport
 from ._records import Alert, JournalEntry, Snapshot
+from ._spill import SpillFile
 from ._store import Store, StoreError
 
 log = logging.getLogger("budget_actor.persister")
 
 # Upper bound on jobs per transaction: large enough that group commit amortises
 # the fsync (one commit for thousands of costs), small enough that one
-# transaction never holds the store for long after an outage.
+# transaction never holds the store for long.
 MAX_BATCH = 5000
 # First retry after a failed write, doubling up to RETRY_MAX_S: a blip costs
 # 50 ms, a long outage costs one connection attempt every 2 s.
@@ -68,15 +79,18 @@ Job = JournalJob | PatchJob | NudgeJob | BarrierJob
 
 
 class PersistQueue:
-    """The persister's inbox and in-flight batch; survives persister restarts.
+    """The persister's inbox, in-flight batch, held jobs and spill file.
 
-    The inbox is unbounded on purpose: the actor must never block on the store.
-    During an outage it holds what the store has not yet taken.
+    Survives persister restarts. The inbox is unbounded on purpose: the actor
+    must never block on the store.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spill: SpillFile | None = None) -> None:
         self.send, self._recv = trio.open_memory_channel[Job](math.inf)
         self.batch: list[Job] = []
+        # Patches and nudges waiting for the store while the journal spills.
+        self.held: list[Job] = []
+        self.spill = spill
 
     def put(self, job: Job) -> None:
         self.send.send_nowait(job)
@@ -99,8 +113,16 @@ class PersistQueue:
         return True
 
     @property
+    def behind(self) -> bool:
+        """True while an outage is not yet caught up: spilled or held jobs wait."""
+        return bool(self.held) or (self.spill is not None and self.spill.count > 0)
+
+    @property
     def waiting(self) -> int:
-        return len(self.batch) + self._recv.statistics().current_buffer_used
+        spilled = self.spill.count if self.spill is not None else 0
+        return (
+            len(self.batch) + len(self.held) + spilled + self._recv.statistics().current_buffer_used
+        )
 
 
 class Persister:
@@ -120,42 +142,82 @@ class Persister:
 
     async def run(self) -> None:
         """Commit batches until the queue's inbox is closed and drained."""
+        queue = self.queue
         delay = RETRY_INITIAL_S
-        while await self.queue.wait():
+        next_try = trio.current_time()
+        while True:
+            if queue.behind:
+                # Outage: spill new journal entries; try the store when due.
+                with trio.move_on_at(next_try):
+                    if not await queue.wait():
+                        return
+                if queue.batch:
+                    await self._spill(queue.batch)
+                    queue.batch = []
+                if trio.current_time() >= next_try:
+                    if await self._drain():
+                        delay = RETRY_INITIAL_S
+                    else:
+                        delay = min(delay * 2, RETRY_MAX_S)
+                        next_try = trio.current_time() + delay
+                continue
+            if not await queue.wait():
+                return
             try:
-                await self._commit(self.queue.batch)
+                await self._commit(queue.batch)
             except StoreError as exc:
-                log.warning("store write failed (%s); retrying in %.2fs", exc, delay)
-                await self.report(StoreReport(ok=False, seq=0, at=self.clock()))
-                await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                await self._tell(StoreReport(ok=False, seq=0, at=self.clock()))
+                if queue.spill is not None:
+                    log.warning("store write failed (%s); spilling to %s", exc, queue.spill.path)
+                    await self._spill(queue.batch)
+                    queue.batch = []
+                    next_try = trio.current_time() + delay
+                else:
+                    log.warning("store write failed (%s); retrying in %.2fs", exc, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
                 continue
             delay = RETRY_INITIAL_S
-            done, self.queue.batch = self.queue.batch, []
-            seq, patch_written = _summary(done)
-            await self.report(
-                StoreReport(ok=True, seq=seq, at=self.clock(), patch_written=patch_written)
-            )
+            done, queue.batch = queue.batch, []
+            await self._report_ok(done)
 
     async def final_flush(self, final_patch: Snapshot | None, extra: list[Job]) -> None:
         """Write everything still queued, plus ``extra`` and ``final_patch``.
 
         For shutdown: call it after the persister task has ended, shielded
-        and under a deadline. Retries until it succeeds or the deadline
-        cancels it; whatever was not written then was never acknowledged.
+        and under a deadline. If the store fails, the journal entries go to the
+        spill file and the flush ends (a restart drains the spill file and
+        recomputes patches and alerts from the journal); without a spill file
+        it retries until the deadline cancels it.
         """
         queue = self.queue
-        queue.batch.extend(extra)
+        queue.batch = queue.held + queue.batch + extra
+        queue.held = []
         if final_patch is not None:
             queue.batch.append(PatchJob(final_patch))
         delay = RETRY_INITIAL_S
         while True:
             queue.fill()
-            if not queue.batch:
+            if not queue.batch and not queue.held and not queue.behind:
                 return
             try:
-                await self._commit(queue.batch)
+                if queue.behind:
+                    await self._drain(raise_errors=True)
+                await self._commit(queue.batch + queue.held)
             except StoreError as exc:
+                if queue.spill is not None:
+                    # Every acknowledged cost is now in the spill file, and the
+                    # next start drains it before restoring; patches and nudges
+                    # are recomputed from the journal then. Waiting for the
+                    # store would only delay the shutdown.
+                    await self._spill(queue.batch)
+                    log.warning(
+                        "store unreachable at shutdown (%s); %d costs wait in %s",
+                        exc,
+                        queue.spill.count,
+                        queue.spill.path,
+                    )
+                    return
                 log.warning("final flush failed (%s); retrying in %.2fs", exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -163,12 +225,13 @@ class Persister:
             except Exception:
                 # Not an outage but a bug: retrying would fail the same way,
                 # and raising here would hide the error that stopped the service.
-                log.exception("final flush failed; %d jobs not written", len(queue.batch))
+                log.exception("final flush failed; %d jobs not written", queue.waiting)
                 return
             queue.batch = []
+            queue.held = []
 
-    async def _commit(self, batch: list[Job]) -> None:
-        entries: list[JournalEntry] = []
+    async def _commit(self, batch: list[Job], spilled: list[JournalEntry] | None = None) -> None:
+        entries: list[JournalEntry] = list(spilled or ())
         patches: list[Snapshot] = []
         nudges: list[Alert] = []
         for job in batch:
@@ -191,13 +254,54 @@ class Persister:
             elif isinstance(job, NudgeJob) and job.reply is not None:
                 job.reply.set(job.alert.nudge_name in inserted)
 
+    async def _spill(self, batch: list[Job]) -> None:
+        """Journal entries to the spill file (then acknowledged); the rest is held."""
+        spill = self.queue.spill
+        assert spill is not None
+        entries = [job.entry for job in batch if isinstance(job, JournalJob)]
+        await trio.to_thread.run_sync(spill.append, entries, limiter=self.limiter)
+        for job in batch:
+            if isinstance(job, JournalJob):
+                if job.receipt is not None:
+                    job.receipt.durable.set()
+            elif isinstance(job, BarrierJob):
+                job.receipt.durable.set()
+            else:
+                self.queue.held.append(job)
 
-def _summary(batch: list[Job]) -> tuple[int, bool]:
-    seq = 0
-    patch_written = False
-    for job in batch:
-        if isinstance(job, JournalJob):
-            seq = max(seq, job.entry.seq)
-        elif isinstance(job, PatchJob):
-            patch_written = True
-    return seq, patch_written
+    async def _drain(self, *, raise_errors: bool = False) -> bool:
+        """Move the spill file and held jobs into the store; True on success."""
+        queue = self.queue
+        spill = queue.spill
+        assert spill is not None
+        spilled = await trio.to_thread.run_sync(spill.read, limiter=self.limiter)
+        try:
+            await self._commit(queue.held, spilled)
+        except StoreError as exc:
+            if raise_errors:
+                raise
+            log.info("store still unreachable (%s); %d costs spilled", exc, spill.count)
+            return False
+        await trio.to_thread.run_sync(spill.clear, limiter=self.limiter)
+        done, queue.held = queue.held, []
+        log.info("store is back; %d spilled costs drained", len(spilled))
+        await self._report_ok(done, max((e.seq for e in spilled), default=0))
+        return True
+
+    async def _report_ok(self, done: list[Job], seq: int = 0) -> None:
+        patch_written = False
+        for job in done:
+            if isinstance(job, JournalJob):
+                seq = max(seq, job.entry.seq)
+            elif isinstance(job, PatchJob):
+                patch_written = True
+        report = StoreReport(
+            ok=not self.queue.behind, seq=seq, at=self.clock(), patch_written=patch_written
+        )
+        await self._tell(report)
+
+    async def _tell(self, report: StoreReport) -> None:
+        # At shutdown the actor's mailbox is already closed; the final flush
+        # has nobody left to report to, and that is fine.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.report(report)

@@ -16,9 +16,12 @@ number of tasks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import msgspec
 import trio
@@ -38,7 +41,9 @@ from ._messages import (
     Unsubscribe,
 )
 from ._money import InvalidAmount, check_usd
+from ._spill import SpillFile
 from ._store import Store, open_store
+from ._store_sqlite import SqliteStore
 from ._supervisor import RestartPolicy
 from ._views import Health, Update
 from ._wire import CostRequest
@@ -63,6 +68,19 @@ class Receipt(msgspec.Struct, frozen=True):
     dispatch_id: str
     seq: int
     duplicate: bool
+
+
+def default_spill_path(store: Store) -> Path:
+    """Where acknowledged costs wait during an outage, unless told otherwise.
+
+    Beside the SQLite file (``budget.db`` -> ``budget.db.spill``); for
+    PostgreSQL, ``budget-<hash of the URL>.spill`` in the working directory,
+    so that services on different databases never share one.
+    """
+    if isinstance(store, SqliteStore):
+        return Path(store.path + ".spill")
+    digest = hashlib.sha256(store.location.encode()).hexdigest()[:12]
+    return Path(f"budget-{digest}.spill")
 
 
 def _utc_now() -> datetime:
@@ -244,12 +262,16 @@ async def open_budget(
     database: str | Store = "sqlite:///budget.db",
     clock: Callable[[], datetime] = _utc_now,
     policy: RestartPolicy | None = None,
+    spill: str | os.PathLike[str] | bool = True,
 ) -> AsyncIterator[Budget]:
     """Open the store, restore today and run the budget actor for the block.
 
     ``database`` is a URL (``sqlite:///PATH`` or ``postgresql://…``) or a
     :class:`Store`. ``clock`` returns the current time as an aware datetime
-    (inject one to test day rollover).
+    (inject one to test day rollover). ``spill`` is the spill file that holds
+    acknowledged costs while the store is unreachable: ``True`` for the default
+    (:func:`default_spill_path`), a path, or ``False`` for none (then, during
+    an outage, :meth:`Budget.record` waits for the store).
 
     Raises :class:`~budget_actor.StoreError` if the store cannot be opened or
     read. If a child task fails too often, the block is cancelled and an
@@ -259,6 +281,12 @@ async def open_budget(
     """
     config = config or BudgetConfig()
     store = open_store(database) if isinstance(database, str) else database
+    if spill is True:
+        spill_file: SpillFile | None = SpillFile(default_spill_path(store))
+    elif spill is False:
+        spill_file = None
+    else:
+        spill_file = SpillFile(spill)
     limiter = trio.CapacityLimiter(1)
     await trio.to_thread.run_sync(store.open, limiter=limiter)
     try:
@@ -271,6 +299,7 @@ async def open_budget(
             clock=clock,
             limiter=limiter,
             policy=policy or RestartPolicy(),
+            spill=spill_file,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(actor.run)

@@ -45,6 +45,8 @@ class Store(ABC):
 
     #: ``"sqlite"`` or ``"postgresql"``, as reported in health.
     kind: str
+    #: The file path or URL this store was opened with.
+    location: str
     #: Parameter marker of the driver.
     _P: str = "%s"
 
@@ -101,10 +103,11 @@ class Store(ABC):
     ) -> set[str]:
         """Write a batch in one transaction; all of it or none of it.
 
-        Journal entries already present (same seq) are skipped, which makes a
-        retried batch harmless. For patches, the last snapshot of each day in
-        ``patches`` wins. Returns the names of the nudge rows that this call
-        inserted; a nudge whose row already existed is not written again.
+        Journal entries already present (same seq, or same day and dispatch
+        id) are skipped, which makes a retried or re-drained batch harmless.
+        For patches, the last snapshot of each day in ``patches`` wins.
+        Returns the names of the nudge rows that this call inserted; a nudge
+        whose row already existed is not written again.
         Raises :class:`StoreError`.
         """
         inserted: set[str] = self._run(lambda cur: self._write(cur, entries, patches, nudges, now))
@@ -172,7 +175,7 @@ class Store(ABC):
             cur.executemany(
                 "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at, model,"
                 f" agent, input_tokens, output_tokens) VALUES ({p}, {p}, {p}, {p}, {p}, {p},"
-                f" {p}, {p}, {p}) ON CONFLICT (seq) DO NOTHING",
+                f" {p}, {p}, {p}) ON CONFLICT DO NOTHING",
                 [
                     (
                         e.seq,

@@ -11,8 +11,12 @@ import psycopg
 from ._store import Store, dumps
 
 # A dead server must surface as an error quickly, so that health turns
-# "degraded" and the persister backs off, instead of hanging a worker thread.
-CONNECT_TIMEOUT_S = 5
+# "degraded" and costs spill, instead of hanging the persister's worker thread.
+CONNECT_TIMEOUT_S = 3
+# A server that vanishes mid-query without a TCP reset (a partition) would
+# otherwise hold a write for the kernel's retransmission timeout (~15 min):
+# give up on unacknowledged data after 10 s, and probe idle connections.
+TCP_USER_TIMEOUT_MS = 10_000
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS quilt_patches (type text NOT NULL, name text NOT NULL,"
@@ -31,11 +35,21 @@ class PostgresStore(Store):
     def __init__(self, url: str) -> None:
         super().__init__()
         self.url = url
+        self.location = url
 
     def _connect(self) -> Any:
         # autocommit: the base class issues BEGIN/COMMIT itself, the same SQL
         # for both drivers.
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+        return psycopg.connect(
+            self.url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            tcp_user_timeout=TCP_USER_TIMEOUT_MS,
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+        )
 
     def _schema(self) -> Sequence[str]:
         return _SCHEMA

@@ -35,6 +35,7 @@ class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
+        self.location = path
 
     def _connect(self) -> Any:
         # check_same_thread=False: trio may run successive calls on different

@@ -1,13 +1,15 @@
 """The database goes away and comes back: the service keeps counting, health
-says degraded, and everything drains once the store is back."""
+says degraded, and everything drains, in order and exactly once, when the
+store is back."""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import trio
 
-from budget_actor import make_config, open_budget
+from budget_actor import Budget, make_config, open_budget
 
 from ._helpers import eventually, rows
 from ._proxy import CuttableProxy, target_of
@@ -15,46 +17,111 @@ from ._proxy import CuttableProxy, target_of
 CONFIG = make_config(daily_cap="10.00", persist_every=10)
 
 
-async def test_outage_degrades_keeps_counting_and_drains_exactly_once(pg_url: str) -> None:
+async def _degraded(budget: Budget, pending: int) -> None:
+    async def check() -> bool:
+        h = await budget.health()
+        return h.status == "degraded" and not h.store_ok and h.pending == pending
+
+    await eventually(check, timeout=30)
+
+
+async def _recovered(budget: Budget) -> None:
+    async def check() -> bool:
+        h = await budget.health()
+        return h.status == "ok" and h.store_ok and h.pending == 0
+
+    await eventually(check, timeout=30)
+
+
+def _check_store(pg_url: str, costs: int, total: str, cycles: int) -> None:
+    journal = rows(pg_url, "SELECT seq, dispatch_id, usd FROM budget_journal ORDER BY seq")
+    assert [s for s, _, _ in journal] == list(range(1, costs + 1))  # in order, no gaps
+    assert len({d for _, d, _ in journal}) == costs
+    assert sum(Decimal(str(u)) for _, _, u in journal) == Decimal(total)
+    patch = rows(pg_url, "SELECT body FROM quilt_patches WHERE type = 'budget'")
+    assert [p[0]["daily_spend"] for p in patch] == [total]
+    assert patch[0][0]["cycle_count"] == cycles
+
+
+async def test_outage_spills_acks_and_drains_exactly_once(pg_url: str, tmp_path: Path) -> None:
+    spill = tmp_path / "outage.spill"
     proxy = CuttableProxy(*target_of(pg_url))
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.run)
-        async with open_budget(CONFIG, database=proxy.url_for(pg_url)) as budget:
+        async with open_budget(CONFIG, database=proxy.url_for(pg_url), spill=spill) as budget:
+            await budget.record("before", "1")
+            proxy.cut()
+            # Acknowledged during the outage: durable in the spill file.
+            receipts = [await budget.record(f"during-{i}", "0.05") for i in range(20)]
+            assert [r.seq for r in receipts] == list(range(2, 22))
+            for _ in range(10):
+                await budget.cycle()  # a patch falls due during the outage
+            await _degraded(budget, pending=20)
+            health = await budget.health()
+            assert health.daily_spend == Decimal("2.00") and health.dispatches == 21
+            assert len(spill.read_bytes().splitlines()) == 20
+            assert rows(pg_url, "SELECT count(*) FROM budget_journal") == [(1,)]
+            proxy.restore()
+            await _recovered(budget)
+            assert spill.read_bytes() == b""
+        nursery.cancel_scope.cancel()
+    _check_store(pg_url, 21, "2.00", 10)
+
+
+async def test_outage_without_spill_file_holds_acks_until_the_store_is_back(
+    pg_url: str,
+) -> None:
+    proxy = CuttableProxy(*target_of(pg_url))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        async with open_budget(CONFIG, database=proxy.url_for(pg_url), spill=False) as budget:
             await budget.record("before", "1")
             proxy.cut()
             acked: list[int] = []
 
             async def send(i: int) -> None:
-                receipt = await budget.record(f"during-{i}", "0.05")
-                acked.append(receipt.seq)
+                acked.append((await budget.record(f"during-{i}", "0.05")).seq)
 
             async with trio.open_nursery() as senders:
                 for i in range(20):
                     senders.start_soon(send, i)
                 for _ in range(10):
-                    await budget.cycle()  # a patch falls due during the outage
-
-                async def degraded() -> bool:
-                    h = await budget.health()
-                    return h.status == "degraded" and not h.store_ok and h.pending == 20
-
-                await eventually(degraded, timeout=30)
+                    await budget.cycle()
+                await _degraded(budget, pending=20)
                 health = await budget.health()
-                # Counting never stopped; nothing is acknowledged while the store is away.
+                # Counting never stopped; nothing was acknowledged without the store.
                 assert health.daily_spend == Decimal("2.00") and health.dispatches == 21
                 assert acked == []
                 proxy.restore()
             assert sorted(acked) == list(range(2, 22))
-
-            async def recovered() -> bool:
-                h = await budget.health()
-                return h.status == "ok" and h.store_ok and h.pending == 0
-
-            await eventually(recovered, timeout=30)
+            await _recovered(budget)
         nursery.cancel_scope.cancel()
-    journal = rows(pg_url, "SELECT dispatch_id, usd FROM budget_journal ORDER BY seq")
-    assert len(journal) == 21 and len({d for d, _ in journal}) == 21
-    assert sum(Decimal(str(u)) for _, u in journal) == Decimal("2.00")
-    patch = rows(pg_url, "SELECT body FROM quilt_patches WHERE type = 'budget'")
-    assert [p[0]["daily_spend"] for p in patch] == ["2.00"]
-    assert patch[0][0]["cycle_count"] == 10
+    _check_store(pg_url, 21, "2.00", 10)
+
+
+async def test_spilled_costs_survive_a_crash_and_come_back_on_restart(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A stand-in for kill -9 during an outage: the spill file from a run that
+    never reached the store is drained by the next start, before restore."""
+    spill = tmp_path / "crash.spill"
+    proxy = CuttableProxy(*target_of(pg_url))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        with trio.CancelScope() as crash:
+            async with open_budget(CONFIG, database=proxy.url_for(pg_url), spill=spill) as budget:
+                await budget.record("a", "1")
+                proxy.cut()
+                await budget.record("b", "2.5")
+                await budget.record("c", "0.25")
+                crash.cancel()  # the final flush cannot reach the store either
+        assert len(spill.read_bytes().splitlines()) == 2
+        proxy.restore()
+        async with open_budget(CONFIG, database=proxy.url_for(pg_url), spill=spill) as budget:
+            health = await budget.health()
+            assert (health.daily_spend, health.dispatches, health.seq) == (Decimal("3.75"), 3, 3)
+            assert (await budget.record("b", "2.5")).duplicate
+        nursery.cancel_scope.cancel()
+    assert spill.read_bytes() == b""
+    journal = rows(pg_url, "SELECT dispatch_id FROM budget_journal ORDER BY seq")
+    assert journal == [("a",), ("b",), ("c",)]
