@@ -50,12 +50,24 @@ def _parser() -> _Parser:
     serve.add_argument("--host", default=_env("BUDGET_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(_env("BUDGET_PORT", "8765")))
     serve.add_argument("--database", default=_env("BUDGET_DATABASE_URL", "sqlite:///budget.db"))
+    serve.add_argument(
+        "--spill",
+        default=_env("BUDGET_SPILL_PATH", ""),
+        help="spill file for costs acknowledged while the database is down"
+        " (default: beside the SQLite file, or budget-HASH.spill for PostgreSQL)",
+    )
     _add_budget_options(serve)
     serve.add_argument("--log-level", default=_env("BUDGET_LOG_LEVEL", "INFO"))
     serve.set_defaults(run=_cmd_serve)
 
     demo = commands.add_parser("demo", help="a self-contained run on a temporary database")
     demo.set_defaults(run=_cmd_demo)
+
+    verify = commands.add_parser("verify", help="audit a day: journal against budget patch")
+    verify.add_argument("--database", default=_env("BUDGET_DATABASE_URL", "sqlite:///budget.db"))
+    verify.add_argument("--day", help="YYYY-MM-DD (default: today in --timezone)")
+    verify.add_argument("--timezone", default=_env("BUDGET_TIMEZONE", "UTC"))
+    verify.set_defaults(run=_cmd_verify)
 
     status = commands.add_parser("status", help="print a running service's health")
     status.add_argument("--url", default=_env("BUDGET_URL", DEFAULT_URL))
@@ -111,7 +123,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         return _fail(f"`port` must be in 0..65535, got {args.port}")
     try:
-        code: int = trio.run(_serve, config, args.database, args.host, args.port)
+        code: int = trio.run(_serve, config, args.database, args.host, args.port, args.spill)
         return code
     except BaseException as exc:
         cause = _find(exc, (StoreError, Escalation, OSError))
@@ -136,11 +148,11 @@ def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseExc
     return None
 
 
-async def _serve(config: BudgetConfig, database: str, host: str, port: int) -> int:
+async def _serve(config: BudgetConfig, database: str, host: str, port: int, spill: str) -> int:
     from ._server import serve
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_budget(config, database=database) as budget:
+        async with open_budget(config, database=database, spill=spill or True) as budget:
             async with trio.open_nursery() as nursery:
                 real_port = await nursery.start(serve, budget, host, port)
                 shown = f"[{host}]" if ":" in host else host
@@ -162,6 +174,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     return trio.run(run_demo)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from datetime import UTC, date, datetime
+    from zoneinfo import ZoneInfo
+
+    from ._audit import audit
+    from ._records import Snapshot
+    from ._store import open_store
+
+    try:
+        zone = ZoneInfo(args.timezone)
+    except Exception:
+        return _fail(f"`timezone` is not a known time zone: {args.timezone!r}")
+    day = args.day or datetime.now(UTC).astimezone(zone).date().isoformat()
+    try:
+        date.fromisoformat(day)
+    except ValueError:
+        return _fail(f"`day` must be YYYY-MM-DD, got {day!r}")
+    try:
+        store = open_store(args.database)
+        store.open()
+        try:
+            body = store.get_patch("budget", f"budget_{day}")
+            entries = store.journal(day)
+        finally:
+            store.close()
+    except StoreError as exc:
+        return _fail(f"database unreachable: {exc}")
+    patch = Snapshot.from_body(body) if body is not None else None
+    result = audit(day, patch, entries)
+    print(f"day                 {day}")
+    print(f"journal             {result.journal_dispatches} costs, ${result.journal_spend}")
+    if result.patch_spend is None:
+        print("budget patch        none")
+    else:
+        print(
+            f"budget patch        {result.patch_dispatches} costs, ${result.patch_spend}"
+            f" (through seq {result.patch_seq})"
+        )
+        print(f"journal at patch    {result.at_patch_dispatches} costs, ${result.at_patch_spend}")
+        print(f"difference          ${result.difference}")
+        print(
+            f"after the patch     {result.after_patch_dispatches} costs,"
+            f" ${result.after_patch_spend} (the next patch will hold them)"
+        )
+    if result.duplicate_ids:
+        print(f"DUPLICATE ids       {', '.join(result.duplicate_ids[:10])}")
+    print("result              " + ("OK: they agree" if result.agrees else "MISMATCH"))
+    return EXIT_OK if result.agrees else EXIT_FAILED
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

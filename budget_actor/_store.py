@@ -156,7 +156,9 @@ class Store(ABC):
         except Exception as exc:
             # Whatever went wrong, a fresh connection is the safe next step.
             self.close()
-            raise StoreError(f"{self.kind}: {exc}".strip()) from exc
+            # One line: drivers' messages span several, and logs and the
+            # command line's errors must not.
+            raise StoreError(f"{self.kind}: {' '.join(str(exc).split())}") from exc
 
     def _create(self, cur: Any) -> None:
         for statement in self._schema():

@@ -41,4 +41,5 @@ def rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ..
         with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
             return conn.execute(sql.replace("%s", "?"), params).fetchall()
     with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description is not None else []

@@ -1,0 +1,95 @@
+"""`budget-actor verify`: the journal recomputes the day and must match the patch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from budget_actor import make_config, open_budget
+from budget_actor._audit import audit
+from budget_actor._records import JournalEntry, Snapshot
+
+from ._helpers import rows
+
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def _e(seq: int, usd: str, dispatch_id: str | None = None) -> JournalEntry:
+    return JournalEntry(
+        seq=seq, day="2026-12-01", dispatch_id=dispatch_id or f"d{seq}", usd=Decimal(usd), at=T0
+    )
+
+
+def _patch(spend: str, dispatches: int, seq: int) -> Snapshot:
+    return Snapshot(
+        day="2026-12-01",
+        daily_spend=Decimal(spend),
+        daily_cap=Decimal(10),
+        cycle_count=10,
+        dispatches=dispatches,
+        alerts_sent=(),
+        seq=seq,
+    )
+
+
+def test_patch_matching_the_journal_up_to_its_seq_agrees() -> None:
+    result = audit("2026-12-01", _patch("0.3", 2, 2), [_e(1, "0.1"), _e(2, "0.2"), _e(3, "5")])
+    assert result.agrees and result.difference == 0
+    assert (result.after_patch_dispatches, result.after_patch_spend) == (1, Decimal("5"))
+    assert result.journal_spend == Decimal("5.3")
+
+
+def test_a_patch_off_by_a_cent_disagrees() -> None:
+    result = audit("2026-12-01", _patch("0.31", 2, 2), [_e(1, "0.1"), _e(2, "0.2")])
+    assert not result.agrees and result.difference == Decimal("0.01")
+
+
+def test_missing_patch_with_costs_disagrees_and_empty_day_agrees() -> None:
+    assert not audit("2026-12-01", None, [_e(1, "1")]).agrees
+    assert audit("2026-12-01", None, []).agrees
+
+
+def test_duplicate_ids_in_the_journal_disagree() -> None:
+    assert not audit("2026-12-01", None, [_e(1, "1", "x"), _e(2, "1", "x")]).agrees
+
+
+def _verify(url: str, day: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "budget_actor", "verify", "--database", url, "--day", day],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_verify_command_on_a_real_store(database_url: str) -> None:
+    config = make_config(persist_every=2)
+    async with open_budget(config, database=database_url) as budget:
+        day = (await budget.health()).day
+        await budget.record("a", "0.10")
+        await budget.record("b", "0.25")
+        await budget.cycle()
+        await budget.cycle()
+        await budget.record("c", "1")
+    ok = _verify(database_url, day)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "OK" in ok.stdout and "$1.35" in ok.stdout
+    # Tamper with the patch: verify must notice and name the difference.
+    (body,) = rows(database_url, "SELECT body FROM quilt_patches WHERE type = 'budget'")[0]
+    patch = body if isinstance(body, dict) else json.loads(body)
+    assert patch["daily_spend"] == "1.35"
+    tampered = json.dumps({**patch, "daily_spend": "1.30"})
+    cast = "%s" if database_url.startswith("sqlite") else "%s::jsonb"
+    rows(database_url, f"UPDATE quilt_patches SET body = {cast} WHERE type = 'budget'", (tampered,))
+    bad = _verify(database_url, day)
+    assert bad.returncode == 1
+    assert "MISMATCH" in bad.stdout and "$-0.05" in bad.stdout
+
+
+def test_verify_with_an_unreachable_database_exits_2() -> None:
+    result = _verify("postgresql://postgres@127.0.0.1:1/x", "2026-12-01")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
