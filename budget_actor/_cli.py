@@ -48,7 +48,9 @@ def _parser() -> _Parser:
 
     serve = commands.add_parser("serve", help="run the service until SIGINT/SIGTERM")
     serve.add_argument("--host", default=_env("BUDGET_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(_env("BUDGET_PORT", "8765")))
+    # A string default goes through `type` too, and only when `serve` runs, so
+    # a bad BUDGET_PORT is an error of `serve` alone, naming the option.
+    serve.add_argument("--port", type=int, default=_env("BUDGET_PORT", "8765"))
     serve.add_argument("--database", default=_env("BUDGET_DATABASE_URL", "sqlite:///budget.db"))
     serve.add_argument(
         "--spill",
@@ -57,7 +59,12 @@ def _parser() -> _Parser:
         " (default: beside the SQLite file, or budget-HASH.spill for PostgreSQL)",
     )
     _add_budget_options(serve)
-    serve.add_argument("--log-level", default=_env("BUDGET_LOG_LEVEL", "INFO"))
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=_env("BUDGET_LOG_LEVEL", "INFO"),
+    )
     serve.set_defaults(run=_cmd_serve)
 
     demo = commands.add_parser("demo", help="a self-contained run on a temporary database")
@@ -113,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         stream=sys.stderr,
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -128,10 +135,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except BaseException as exc:
         cause = _find(exc, (StoreError, Escalation, OSError))
         if isinstance(cause, StoreError):
-            return _fail(f"database unreachable: {cause}")
+            return _fail(f"cannot open the store: {cause}")
         if isinstance(cause, Escalation):
             return _fail(f"service stopped: {cause}", EXIT_FAILED)
         if isinstance(cause, OSError):
+            where = getattr(cause, "filename", None)
+            if where:
+                return _fail(f"cannot use {where}: {cause.strerror or cause}")
             return _fail(f"cannot listen on {args.host}:{args.port}: {cause}")
         raise
 
@@ -195,7 +205,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return _fail(f"`day` must be YYYY-MM-DD, got {day!r}")
     try:
         store = open_store(args.database)
-        store.open()
+        store.open(create=False)
         try:
             body = store.get_patch("budget", f"budget_{day}")
             entries = store.journal(day)
@@ -208,7 +218,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(f"day                 {day}")
     print(f"journal             {result.journal_dispatches} costs, ${result.journal_spend}")
     if result.patch_spend is None:
-        print("budget patch        none")
+        print("budget patch        none yet (written every --persist-every cycles)")
     else:
         print(
             f"budget patch        {result.patch_dispatches} costs, ${result.patch_spend}"
@@ -239,7 +249,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         width = max(len(k) for k in health)
         for key, value in health.items():
             if key != "type":
-                print(f"{key:<{width}}  {value}")
+                shown = value if isinstance(value, str) else json.dumps(value)
+                print(f"{key:<{width}}  {shown}")
     return EXIT_OK if health.get("status") == "ok" else EXIT_FAILED
 
 

@@ -119,10 +119,11 @@ class Ledger:
             today.spend = patch.daily_spend
             today.dispatches = patch.dispatches
             today.cycles = patch.cycle_count
-            today.alerts_sent.update(patch.alerts_sent)
+        # Only nudge rows prove an alert was delivered. The patch's own
+        # alerts_sent may have been written before the row (they travel
+        # separately), so trusting it could swallow an alert for good.
         today.alerts_sent.update(restored.alerts_sent)
-        for dispatch_id in restored.dispatch_ids:
-            today.seen[dispatch_id] = 0
+        today.seen.update(restored.dispatch_ids)
         for entry in restored.entries:
             today.spend = add(today.spend, entry.usd)
             today.dispatches += 1

@@ -9,6 +9,7 @@ as Python values from the in-process API; all of them pass through
 from __future__ import annotations
 
 import decimal
+import re
 from decimal import Decimal
 
 # A dedicated context: the default one rounds to 28 significant digits, which
@@ -30,6 +31,13 @@ MAX_AMOUNT_CHARS = 64
 MAX_DECIMAL_PLACES = 12
 
 DEFAULT_MAX_COST = Decimal("1000")
+
+# The only amount text we read: a JSON number's shape, optionally signed (so
+# that "-1" gets "must not be negative" rather than "not a number"). Python's
+# Decimal() would also take " 1 ", "1_0" or ".5"; an amount is money, and money
+# is not guessed.
+_AMOUNT_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_NOT_FINITE = re.compile(r"[+-]?(s?nan|inf|infinity)", re.IGNORECASE)
 
 
 class InvalidAmount(ValueError):
@@ -55,17 +63,26 @@ def parse_usd(value: object, *, field: str = "usd", maximum: Decimal | None = No
     elif isinstance(value, int):
         amount = Decimal(value)
     elif isinstance(value, str):
-        if len(value) > MAX_AMOUNT_CHARS:
-            raise InvalidAmount(f"`{field}` is too long ({len(value)} characters)")
-        try:
-            amount = Decimal(value.strip())
-        except decimal.InvalidOperation:
-            raise InvalidAmount(f"`{field}` is not a decimal number: {value[:32]!r}") from None
+        amount = parse_text(value, field=field)
     else:
         raise InvalidAmount(
             f"`{field}` must be a decimal string or number, got {type(value).__name__}"
         )
     return check_usd(amount, field=field, maximum=maximum)
+
+
+def parse_text(text: str, *, field: str = "usd") -> Decimal:
+    """The exact Decimal of an amount's text (a JSON number or string).
+
+    Raises :class:`InvalidAmount` for anything but a plain decimal number.
+    """
+    if len(text) > MAX_AMOUNT_CHARS:
+        raise InvalidAmount(f"`{field}` is too long ({len(text)} characters)")
+    if _NOT_FINITE.fullmatch(text):
+        raise InvalidAmount(f"`{field}` must be finite, got {text}")
+    if not _AMOUNT_TEXT.fullmatch(text):
+        raise InvalidAmount(f"`{field}` is not a decimal number: {text[:32]!r}")
+    return Decimal(text)
 
 
 def check_usd(amount: Decimal, *, field: str = "usd", maximum: Decimal | None = None) -> Decimal:

@@ -114,8 +114,9 @@ class Restored(msgspec.Struct, frozen=True, kw_only=True):
     patch: Snapshot | None
     # Journal entries of ``day`` with a seq above the patch's, in seq order.
     entries: tuple[JournalEntry, ...]
-    # Every dispatch id journaled on ``day`` (for dedupe across restarts).
-    dispatch_ids: frozenset[str]
+    # Every dispatch id journaled on ``day``, with its seq (for dedupe across
+    # restarts: a duplicate's ack carries the original's seq).
+    dispatch_ids: dict[str, int]
     # Thresholds whose nudge row for ``day`` exists.
     alerts_sent: frozenset[Decimal]
     # Highest seq ever journaled or patched, so seq keeps growing.

@@ -143,16 +143,21 @@ async def _connection(budget: Budget, stream: trio.SocketStream) -> None:
             return
         await _websocket(budget, _ReplayStream(stream, raw))
         return
+    head_only = request.method == b"HEAD"
     if request.method not in (b"GET", b"HEAD"):
-        await _respond(stream, 405, b"method not allowed\n", [(b"allow", b"GET")])
+        await _respond(stream, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
     elif target == "/health":
         health = await budget.health()
-        await _respond(stream, 200 if health.ok else 503, encode(health), json=True)
+        code = 200 if health.ok else 503
+        await _respond(stream, code, encode(health), json=True, head_only=head_only)
     elif target == "/metrics":
         body = _metrics.render(await budget.health()).encode()
-        await _respond(stream, 200, body, [(b"content-type", b"text/plain; version=0.0.4")])
+        kind = [(b"content-type", b"text/plain; version=0.0.4")]
+        await _respond(stream, 200, body, kind, head_only=head_only)
     else:
-        await _respond(stream, 404, b"not found: try /ws, /health or /metrics\n")
+        await _respond(
+            stream, 404, b"not found: try /ws, /health or /metrics\n", head_only=head_only
+        )
 
 
 async def _read_head(stream: trio.SocketStream) -> tuple[bytes, h11.Request] | None:
@@ -192,10 +197,13 @@ async def _respond(
     headers: list[tuple[bytes, bytes]] | None = None,
     *,
     json: bool = False,
+    head_only: bool = False,
 ) -> None:
+    """Send one HTTP response; for HEAD, the headers of the same response."""
     conn = h11.Connection(h11.SERVER)
     # h11 must have seen a request before it will write a response.
-    conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    method = b"HEAD" if head_only else b"GET"
+    conn.receive_data(method + b" / HTTP/1.1\r\nhost: x\r\n\r\n")
     conn.next_event()
     all_headers = [
         (b"content-type", b"application/json" if json else b"text/plain; charset=utf-8"),
@@ -208,7 +216,8 @@ async def _respond(
         all_headers = [h for h in all_headers if h[0] not in names] + headers
     reason = HTTPStatus(status).phrase.encode()
     data = conn.send(h11.Response(status_code=status, headers=all_headers, reason=reason))
-    data += conn.send(h11.Data(data=body)) or b""
+    if not head_only:
+        data += conn.send(h11.Data(data=body)) or b""
     data += conn.send(h11.EndOfMessage()) or b""
     await stream.send_all(data)
 

@@ -40,13 +40,12 @@ from ._messages import (
     Subscribe,
     Unsubscribe,
 )
-from ._money import InvalidAmount, check_usd
 from ._spill import SpillFile
 from ._store import Store, open_store
 from ._store_sqlite import SqliteStore
 from ._supervisor import RestartPolicy
 from ._views import Health, Update
-from ._wire import CostRequest
+from ._wire import CostRequest, WireError, cost_request
 
 # Bounded, so that a flood of costs slows its senders (backpressure) instead of
 # growing memory without limit. Large enough that the actor drains it in
@@ -234,25 +233,18 @@ def _validated(
     input_tokens: int | None,
     output_tokens: int | None,
 ) -> CostRequest:
-    if isinstance(usd, float | bool):
-        raise InvalidCost("`usd` must be a Decimal, str or int, not a binary float")
     try:
-        request = msgspec.convert(
-            {
-                "type": "cost",
-                "dispatch_id": dispatch_id,
-                "usd": usd,
-                "model": model,
-                "agent": agent,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-            },
-            CostRequest,
+        return cost_request(
+            dispatch_id,
+            usd,
+            max_cost=config.max_cost,
+            model=model,
+            agent=agent,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
         )
-        check_usd(request.usd, maximum=config.max_cost)
-    except (msgspec.ValidationError, InvalidAmount) as exc:
-        raise InvalidCost(str(exc)) from None
-    return request
+    except WireError as exc:
+        raise InvalidCost(exc.detail) from None
 
 
 @contextlib.asynccontextmanager

@@ -52,6 +52,7 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self._conn: Any = None
+        self._read_only = False
 
     # -- dialect hooks -------------------------------------------------------
 
@@ -59,7 +60,8 @@ class Store(ABC):
     def _connect(self) -> Any: ...
 
     @abstractmethod
-    def _schema(self) -> Sequence[str]: ...
+    def _schema(self) -> Sequence[tuple[str, str]]:
+        """(table name, CREATE TABLE IF NOT EXISTS statement) pairs."""
 
     @abstractmethod
     def _json_param(self, body: dict[str, Any]) -> Any: ...
@@ -78,9 +80,14 @@ class Store(ABC):
 
     # -- the interface -------------------------------------------------------
 
-    def open(self) -> None:
-        """Connect and create the tables if missing. Raises :class:`StoreError`."""
-        self._run(self._create)
+    def open(self, *, create: bool = True) -> None:
+        """Connect and create the tables if missing. Raises :class:`StoreError`.
+
+        With ``create=False`` (audits, reports) nothing is created: a missing
+        database or table is an error.
+        """
+        self._read_only = not create
+        self._run(self._create if create else lambda cur: None)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -161,8 +168,15 @@ class Store(ABC):
             raise StoreError(f"{self.kind}: {' '.join(str(exc).split())}") from exc
 
     def _create(self, cur: Any) -> None:
-        for statement in self._schema():
-            cur.execute(statement)
+        for table, statement in self._schema():
+            if not self._table_exists(cur, table):
+                cur.execute(statement)
+
+    def _table_exists(self, cur: Any, table: str) -> bool:
+        # Checked first, not left to IF NOT EXISTS: PostgreSQL checks the
+        # CREATE privilege before it checks existence, and a production user
+        # may lack CREATE once the tables are there.
+        return False
 
     def _write(
         self,
@@ -247,8 +261,8 @@ class Store(ABC):
         row = cur.fetchone()
         patch = None if row is None else Snapshot.from_body(self._read_body(row[0]))
         entries = self._entries(cur, day, patch.seq if patch else -1)
-        cur.execute(f"SELECT dispatch_id FROM budget_journal WHERE day = {p}", (day,))
-        ids = frozenset(str(r[0]) for r in cur.fetchall())
+        cur.execute(f"SELECT dispatch_id, seq FROM budget_journal WHERE day = {p}", (day,))
+        ids = {str(r[0]): int(r[1]) for r in cur.fetchall()}
         prefix = f"budget_alert_{day}_"
         cur.execute(
             f"SELECT name FROM quilt_patches WHERE type = {p} AND name LIKE {p}",

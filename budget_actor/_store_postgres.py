@@ -19,13 +19,19 @@ CONNECT_TIMEOUT_S = 3
 TCP_USER_TIMEOUT_MS = 10_000
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS quilt_patches (type text NOT NULL, name text NOT NULL,"
-    " body jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
-    " updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (type, name))",
-    "CREATE TABLE IF NOT EXISTS budget_journal (seq bigint PRIMARY KEY, day text NOT NULL,"
-    " dispatch_id text NOT NULL, usd numeric NOT NULL, recorded_at timestamptz NOT NULL,"
-    " model text, agent text, input_tokens bigint, output_tokens bigint,"
-    " UNIQUE (day, dispatch_id))",
+    (
+        "quilt_patches",
+        "CREATE TABLE IF NOT EXISTS quilt_patches (type text NOT NULL, name text NOT NULL,"
+        " body jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
+        " updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (type, name))",
+    ),
+    (
+        "budget_journal",
+        "CREATE TABLE IF NOT EXISTS budget_journal (seq bigint PRIMARY KEY, day text NOT NULL,"
+        " dispatch_id text NOT NULL, usd numeric NOT NULL, recorded_at timestamptz NOT NULL,"
+        " model text, agent text, input_tokens bigint, output_tokens bigint,"
+        " UNIQUE (day, dispatch_id))",
+    ),
 )
 
 
@@ -51,8 +57,13 @@ class PostgresStore(Store):
             keepalives_count=3,
         )
 
-    def _schema(self) -> Sequence[str]:
+    def _schema(self) -> Sequence[tuple[str, str]]:
         return _SCHEMA
+
+    def _table_exists(self, cur: Any, table: str) -> bool:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+        exists: bool = cur.fetchone()[0]
+        return exists
 
     def _json_marker(self) -> str:
         return "%s::jsonb"

@@ -12,12 +12,18 @@ from ._records import iso_utc
 from ._store import Store, dumps
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS quilt_patches (type TEXT NOT NULL, name TEXT NOT NULL,"
-    " body TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,"
-    " PRIMARY KEY (type, name))",
-    "CREATE TABLE IF NOT EXISTS budget_journal (seq INTEGER PRIMARY KEY, day TEXT NOT NULL,"
-    " dispatch_id TEXT NOT NULL, usd TEXT NOT NULL, recorded_at TEXT NOT NULL, model TEXT,"
-    " agent TEXT, input_tokens INTEGER, output_tokens INTEGER, UNIQUE (day, dispatch_id))",
+    (
+        "quilt_patches",
+        "CREATE TABLE IF NOT EXISTS quilt_patches (type TEXT NOT NULL, name TEXT NOT NULL,"
+        " body TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,"
+        " PRIMARY KEY (type, name))",
+    ),
+    (
+        "budget_journal",
+        "CREATE TABLE IF NOT EXISTS budget_journal (seq INTEGER PRIMARY KEY, day TEXT NOT NULL,"
+        " dispatch_id TEXT NOT NULL, usd TEXT NOT NULL, recorded_at TEXT NOT NULL, model TEXT,"
+        " agent TEXT, input_tokens INTEGER, output_tokens INTEGER, UNIQUE (day, dispatch_id))",
+    ),
 )
 
 
@@ -40,12 +46,21 @@ class SqliteStore(Store):
     def _connect(self) -> Any:
         # check_same_thread=False: trio may run successive calls on different
         # worker threads; the persister's CapacityLimiter(1) serialises them.
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
+        target = f"file:{self.path}?mode=ro" if self._read_only else self.path
+        conn = sqlite3.connect(
+            target,
+            uri=self._read_only,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=5,
+        )
+        if self._read_only:
+            return conn
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
 
-    def _schema(self) -> Sequence[str]:
+    def _schema(self) -> Sequence[tuple[str, str]]:
         return _SCHEMA
 
     def _json_param(self, body: dict[str, Any]) -> Any:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from ._money import InvalidAmount, check_usd
+from ._money import InvalidAmount, check_usd, parse_text, parse_usd, to_wire
 from ._views import AlertNotice, Health, Spend
 
 # Bounds on free-text fields: long enough for any real id or model name,
@@ -42,9 +42,11 @@ class SubscribeRequest(_Request, tag="subscribe"):
     pass
 
 
-class CostRequest(_Request, tag="cost"):
+class _CostFrame(_Request, tag="cost"):
     dispatch_id: DispatchId
-    usd: Decimal
+    # Raw: the amount's JSON text, parsed by _money.parse_text. msgspec's own
+    # Decimal decoding would accept strings such as " 1 " or "1_0".
+    usd: msgspec.Raw
     model: Name | None = None
     input_tokens: TokenCount | None = None
     output_tokens: TokenCount | None = None
@@ -59,12 +61,85 @@ class HealthRequest(_Request, tag="health"):
     id: Name | None = None
 
 
-class AdmitRequest(_Request, tag="admit"):
+class _AdmitFrame(_Request, tag="admit"):
     dispatch_id: DispatchId
+    estimate_usd: msgspec.Raw
+
+
+class CostRequest(msgspec.Struct, frozen=True):
+    """A validated ``cost``: ``usd`` is exact, finite, ≥ 0 and ≤ the maximum."""
+
+    dispatch_id: str
+    usd: Decimal
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    agent: str | None = None
+
+
+class _CostFields(msgspec.Struct, frozen=True):
+    """The constraints of a cost's non-amount fields, for in-process callers."""
+
+    dispatch_id: DispatchId
+    model: Name | None = None
+    input_tokens: TokenCount | None = None
+    output_tokens: TokenCount | None = None
+    agent: Name | None = None
+
+
+def cost_request(
+    dispatch_id: object,
+    usd: object,
+    *,
+    max_cost: Decimal,
+    model: object = None,
+    input_tokens: object = None,
+    output_tokens: object = None,
+    agent: object = None,
+) -> CostRequest:
+    """Validate a cost given as Python values, exactly as :func:`decode` would.
+
+    ``usd`` is a Decimal, an int or a decimal string (never a float). Raises
+    :class:`WireError` naming the field.
+    """
+    try:
+        value = check_usd(parse_usd(usd), maximum=max_cost)
+    except InvalidAmount as exc:
+        raise WireError("invalid_cost", str(exc)) from None
+    try:
+        fields = msgspec.convert(
+            {
+                "dispatch_id": dispatch_id,
+                "model": model,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "agent": agent,
+            },
+            _CostFields,
+        )
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT_PATH.search(text)
+        raise WireError(
+            "invalid_message", _describe(text, match.group(1) if match else None)
+        ) from None
+    return CostRequest(
+        fields.dispatch_id,
+        value,
+        fields.model,
+        fields.input_tokens,
+        fields.output_tokens,
+        fields.agent,
+    )
+
+
+class AdmitRequest(msgspec.Struct, frozen=True):
+    dispatch_id: str
     estimate_usd: Decimal
 
 
 Request = SubscribeRequest | CostRequest | CycleRequest | HealthRequest | AdmitRequest
+_Frame = SubscribeRequest | _CostFrame | CycleRequest | HealthRequest | _AdmitFrame
 
 
 class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
@@ -90,7 +165,8 @@ class WireError(Exception):
         return encode(Error(self.code, self.detail))
 
 
-_decoder = msgspec.json.Decoder(Request)
+_decoder = msgspec.json.Decoder(_Frame)
+_text_decoder = msgspec.json.Decoder(str)
 _encoder = msgspec.json.Encoder()
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z_]+)[^`]*`")
 _AMOUNT_FIELDS = {"usd", "estimate_usd"}
@@ -120,16 +196,35 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         raise WireError("invalid_message", f"frame is not valid JSON: {exc}") from None
     except RecursionError:
         raise WireError("invalid_message", "JSON is nested too deeply") from None
-    if isinstance(request, CostRequest):
-        _check_amount(request.usd, "usd", max_cost)
-    elif isinstance(request, AdmitRequest):
-        _check_amount(request.estimate_usd, "estimate_usd", max_cost)
+    if isinstance(request, _CostFrame):
+        return CostRequest(
+            request.dispatch_id,
+            amount(request.usd, "usd", max_cost),
+            request.model,
+            request.input_tokens,
+            request.output_tokens,
+            request.agent,
+        )
+    if isinstance(request, _AdmitFrame):
+        estimate = amount(request.estimate_usd, "estimate_usd", max_cost)
+        return AdmitRequest(request.dispatch_id, estimate)
     return request
 
 
-def _check_amount(amount: Decimal, field: str, max_cost: Decimal) -> None:
+def amount(raw: msgspec.Raw | bytes, field: str, max_cost: Decimal) -> Decimal:
+    """The validated amount of a field's raw JSON (a string or a number).
+
+    Raises :class:`WireError` ``invalid_cost`` naming ``field``.
+    """
+    text = bytes(raw)
     try:
-        check_usd(amount, field=field, maximum=max_cost)
+        if text.startswith(b'"'):
+            value = parse_text(_text_decoder.decode(text), field=field)
+        elif text[:1].isdigit() or text.startswith(b"-"):
+            value = parse_text(text.decode(), field=field)
+        else:
+            raise InvalidAmount(f"`{field}` must be a decimal string or number")
+        return check_usd(value, field=field, maximum=max_cost)
     except InvalidAmount as exc:
         raise WireError("invalid_cost", str(exc)) from None
 
@@ -147,5 +242,18 @@ def _describe(text: str, field: str | None) -> str:
 
 
 def encode(message: Spend | AlertNotice | Health | Ack | Error) -> bytes:
-    """JSON text of a service message (amounts as strings)."""
-    return _encoder.encode(message)
+    """JSON text of a service message.
+
+    Amounts are JSON strings in plain notation (``"0.0000001"``, never
+    ``"1E-7"``, which msgspec's own Decimal encoding would give): a reader
+    that parses them as text must not meet an exponent.
+    """
+    if isinstance(message, Ack | Error):
+        return _encoder.encode(message)
+    fields: dict[str, object] = {"type": message.__struct_config__.tag}
+    for name, value in msgspec.structs.asdict(message).items():
+        if isinstance(value, Decimal):
+            fields[name] = to_wire(value)
+        elif value is not None or name != "id":
+            fields[name] = value
+    return _encoder.encode(fields)

@@ -144,7 +144,7 @@ def _restored(**kw: object) -> Restored:
         "day": "2026-12-01",
         "patch": None,
         "entries": (),
-        "dispatch_ids": frozenset(),
+        "dispatch_ids": {},
         "alerts_sent": frozenset(),
         "max_seq": 0,
     }
@@ -166,14 +166,31 @@ def test_restore_is_patch_plus_later_journal() -> None:
     ledger, effects = Ledger.restore(
         CONFIG,
         T0,
-        _restored(patch=patch, entries=(entry,), dispatch_ids=frozenset({"x", "late"}), max_seq=8),
+        _restored(patch=patch, entries=(entry,), dispatch_ids={"x": 3, "late": 8}, max_seq=8),
     )
     assert effects == []
     assert ledger.daily_spend == Decimal("3.25")
     assert ledger.seq == 8
     h = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
     assert (h.dispatches, h.cycle_count) == (8, 20)
-    assert ledger.record(T0, "x", Decimal("1")).duplicate
+    again = ledger.record(T0, "x", Decimal("1"))
+    assert again.duplicate and again.seq == 3  # the original's seq, from the journal
+
+
+def test_restore_trusts_nudge_rows_not_the_patch_for_sent_alerts() -> None:
+    patch = Snapshot(
+        day="2026-12-01",
+        daily_spend=Decimal("9"),
+        daily_cap=Decimal("10.00"),
+        cycle_count=10,
+        dispatches=1,
+        alerts_sent=(Decimal("0.5"), Decimal("0.8")),  # written before the rows
+        seq=1,
+    )
+    _, effects = Ledger.restore(
+        CONFIG, T0, _restored(patch=patch, alerts_sent=frozenset({Decimal("0.5")}), max_seq=1)
+    )
+    assert [e.alert.threshold for e in effects if isinstance(e, AlertDue)] == [Decimal("0.8")]
 
 
 def test_restore_sends_a_missing_alert_but_never_a_sent_one() -> None:

@@ -78,7 +78,7 @@ def test_round_trip_restores_patch_plus_later_journal(store: Store) -> None:
     assert [e.dispatch_id for e in restored.entries] == ["c"]
     assert restored.entries[0].usd == Decimal("0.000000000001")
     assert restored.entries[0].model == "m" and restored.entries[0].at == T0
-    assert restored.dispatch_ids == frozenset({"a", "b", "c"})
+    assert restored.dispatch_ids == {"a": 1, "b": 2, "c": 3}
     assert restored.max_seq == 3
     assert [e.usd for e in store.journal(DAY)] == [Decimal("0.1"), Decimal("0.2"), entries[2].usd]
 

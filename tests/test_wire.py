@@ -60,6 +60,14 @@ def test_a_json_number_is_read_exactly_from_its_text() -> None:
         (_cost(usd="Infinity"), "invalid_cost", "usd"),
         (_cost(usd="-0.01"), "invalid_cost", "usd"),
         (_cost(usd="abc"), "invalid_cost", "usd"),
+        (_cost(usd="1_0"), "invalid_cost", "usd"),
+        (_cost(usd=" 1"), "invalid_cost", "usd"),
+        (_cost(usd=".5"), "invalid_cost", "usd"),
+        (_cost(usd="0x10"), "invalid_cost", "usd"),
+        (_cost(usd="sNaN"), "invalid_cost", "usd"),
+        (_cost(usd=None), "invalid_cost", "usd"),
+        (_cost(usd=[1]), "invalid_cost", "usd"),
+        (_cost(usd="0.0000000000001"), "invalid_cost", "usd"),
         (_cost(usd=True), "invalid_cost", "usd"),
         (_cost(usd="1000.01"), "invalid_cost", "usd"),
         ('{"type":"cost","dispatch_id":"x","usd":1e400}', "invalid_cost", "usd"),
@@ -84,8 +92,29 @@ def test_binary_frames_are_refused() -> None:
 
 
 def test_negative_zero_is_zero() -> None:
-    request = decode('{"type":"cost","dispatch_id":"x","usd":"-0"}', max_cost=MAX)
-    assert isinstance(request, CostRequest) and request.usd == 0
+    for frame in [
+        '{"type":"cost","dispatch_id":"x","usd":"-0"}',
+        '{"type":"cost","dispatch_id":"x","usd":-0.0}',
+    ]:
+        request = decode(frame, max_cost=MAX)
+        assert isinstance(request, CostRequest) and str(request.usd) in {"0", "0.0"}
+
+
+def test_amounts_are_encoded_in_plain_notation() -> None:
+    from budget_actor._views import Spend
+    from budget_actor._wire import encode
+
+    spend = Spend(
+        day="2026-12-01",
+        daily_spend=Decimal("1E-7"),
+        daily_cap=Decimal("1E+1"),
+        remaining=Decimal("9.9999999"),
+        utilization=0.0,
+        dispatches=1,
+        seq=1,
+    )
+    frame = json.loads(encode(spend))
+    assert (frame["daily_spend"], frame["daily_cap"]) == ("0.0000001", "10")
 
 
 @settings(max_examples=500, deadline=None)
