@@ -145,10 +145,14 @@ class BudgetActor:
         while True:
             message = await inbox.receive()
             before = (ledger.day, ledger.seq)
-            for _ in range(MAX_BATCH):
+            handled = 0
+            while True:
                 if self._handle(ledger, message):
                     self._publish_if_changed(ledger, before)
                     return
+                handled += 1
+                if handled == MAX_BATCH:
+                    break
                 try:
                     message = inbox.receive_nowait()
                 except trio.WouldBlock:

@@ -23,7 +23,7 @@ from typing import Literal
 import msgspec
 
 from ._config import BudgetConfig
-from ._money import MONEY_CONTEXT, add, sub
+from ._money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
 from ._records import Alert, JournalEntry, Restored, Snapshot
 from ._views import Health, Spend
 
@@ -300,4 +300,4 @@ def _remaining(cap: Decimal, spend: Decimal) -> Decimal:
 
 
 def _utilization(spend: Decimal, cap: Decimal) -> float:
-    return float(MONEY_CONTEXT.divide(spend, cap))
+    return float(RATIO_CONTEXT.divide(spend, cap))

@@ -12,23 +12,21 @@ import decimal
 import re
 from decimal import Decimal
 
-# A dedicated context: the default one rounds to 28 significant digits, which
-# would silently round a day's sum of many micro-cent costs. 60 digits holds any
-# realistic daily total to far below a millionth of a cent, and Overflow/
-# InvalidOperation traps make an impossible figure an error, never a guess.
+# A dedicated context for sums. Inexact is trapped: a sum that cannot be held
+# exactly raises instead of being rounded, so the money is exact or it is an
+# error, never a guess. 200 digits hold any sum of amounts of at most
+# MAX_AMOUNT_CHARS characters, many times over.
 MONEY_CONTEXT = decimal.Context(
-    prec=60,
+    prec=200,
     rounding=decimal.ROUND_HALF_EVEN,
-    traps=[decimal.InvalidOperation, decimal.Overflow, decimal.DivisionByZero],
+    traps=[decimal.InvalidOperation, decimal.Overflow, decimal.DivisionByZero, decimal.Inexact],
 )
+# For ratios (utilization), which are floats anyway.
+RATIO_CONTEXT = decimal.Context(prec=28)
 
 # Longest amount text we agree to look at. A 10,000-digit number is not a cost;
 # refusing it by length keeps Decimal from doing quadratic work on hostile input.
 MAX_AMOUNT_CHARS = 64
-
-# More than 12 decimal places is below any provider's billing unit; rejecting
-# them keeps stored values short and sums exact within MONEY_CONTEXT.
-MAX_DECIMAL_PLACES = 12
 
 DEFAULT_MAX_COST = Decimal("1000")
 
@@ -95,10 +93,10 @@ def check_usd(amount: Decimal, *, field: str = "usd", maximum: Decimal | None = 
         raise InvalidAmount(f"`{field}` {amount} is above the per-dispatch maximum {maximum}")
     exponent = amount.as_tuple().exponent
     assert isinstance(exponent, int)  # finite, checked above
-    if -exponent > MAX_DECIMAL_PLACES:
-        raise InvalidAmount(f"`{field}` has more than {MAX_DECIMAL_PLACES} decimal places")
-    if len(amount.as_tuple().digits) > MAX_AMOUNT_CHARS:
-        raise InvalidAmount(f"`{field}` has too many digits")
+    # The plain-notation text must stay short too: 1e-400 is one character of
+    # exponent but 400 digits once written out in the journal and on the wire.
+    if len(amount.as_tuple().digits) > MAX_AMOUNT_CHARS or abs(exponent) > MAX_AMOUNT_CHARS:
+        raise InvalidAmount(f"`{field}` has too many digits (at most {MAX_AMOUNT_CHARS})")
     # -0 and 0E+3 become a plain 0; the sign of zero is not money.
     return amount.copy_abs() if amount == 0 else amount
 

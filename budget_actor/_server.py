@@ -12,16 +12,19 @@ ack writer (acks go out in order, each once its cost is durable) and, after
 ``subscribe``, a pusher that drains the connection's latest-value
 subscription. A slow or dead peer blocks only its own tasks.
 
-Containment: every connection runs inside :func:`_contain`, which logs any
-exception with the peer's address and closes only that connection. trio-websocket
-would otherwise let a handler's exception take down the whole server.
+Containment: every connection runs inside :meth:`_Server.handle`, which logs
+any exception with the peer's address and closes only that connection.
+trio-websocket would otherwise let a handler's exception take down the whole
+server. Access (tokens, roles) and limits are in :class:`ServerOptions`.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Any
 
 import h11
 import msgspec
@@ -29,6 +32,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from . import _metrics
+from ._access import Access, Role, TokenBucket, may
 from ._fanout import Published, Subscription
 from ._messages import CostReceipt
 from ._service import Budget, ServiceStopped
@@ -37,6 +41,7 @@ from ._wire import (
     AdmitRequest,
     CostRequest,
     CycleRequest,
+    ErrorCode,
     HealthRequest,
     SubscribeRequest,
     WireError,
@@ -46,17 +51,38 @@ from ._wire import (
 
 log = logging.getLogger("budget_actor.server")
 
-# The contract's frame limit; larger frames close the connection with 1009.
-MAX_FRAME_BYTES = 64 * 1024
+WS_PATH = "/ws"
 # An HTTP request head larger than this is not a browser or a client library.
 MAX_HEAD_BYTES = 16 * 1024
-# A peer that cannot send its request head within this is dropped, so idle
-# sockets cannot pile up.
-HANDSHAKE_TIMEOUT_S = 10.0
 # Costs a pipelining dispatcher may have in flight before its reader stops
 # taking frames (TCP backpressure then slows it down).
 ACK_WINDOW = 1024
-WS_PATH = "/ws"
+# A peer that does not finish the WebSocket closing handshake in this time is
+# simply disconnected.
+CLOSE_TIMEOUT_S = 2.0
+
+
+class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Limits and access of the network face; every default is documented in
+    docs/security.md."""
+
+    access: Access = Access()
+    # The contract's frame limit; a larger frame closes the connection with 1009.
+    max_frame_bytes: int = 64 * 1024
+    # WebSocket connections at once; the next handshake gets HTTP 503.
+    max_connections: int = 1000
+    # Per-connection message budget. Far above what a real dispatcher sends
+    # (a pipelining client reaches ~10k/s), so only a flood meets it.
+    rate_per_s: float = 20_000.0
+    burst: int = 40_000
+    # `overloaded` errors a flooding client gets before it is closed with 1008.
+    max_overloads: int = 100
+    # A peer must send its request head (and finish TLS) within this time.
+    handshake_timeout_s: float = 10.0
+    # Ping every interval; a peer that does not answer within the timeout is dead.
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    ssl_context: ssl.SSLContext | None = None
 
 
 class _ReplayStream(trio.abc.Stream):
@@ -93,74 +119,128 @@ async def serve(
     host: str,
     port: int,
     *,
+    options: ServerOptions | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` (0 = any free port) until cancelled.
 
     ``task_status.started`` receives the real port. Raises ``OSError`` if the
-    address cannot be bound.
+    address cannot be bound. No exception from a connection ever escapes: each
+    is logged and closes that connection only.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    real_port = listeners[0].socket.getsockname()[1]
-
-    async def handler(stream: trio.SocketStream) -> None:
-        await _contain(budget, stream)
-
+    server = _Server(budget, options or ServerOptions())
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    real_port = tcp[0].socket.getsockname()[1]
+    listeners: list[trio.abc.Listener[Any]] = list(tcp)
+    if server.options.ssl_context is not None:
+        listeners = [
+            trio.SSLListener(listener, server.options.ssl_context, https_compatible=True)
+            for listener in tcp
+        ]
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
+        await nursery.start(trio.serve_listeners, server.handle, listeners)
         task_status.started(real_port)
 
 
-async def _contain(budget: Budget, stream: trio.SocketStream) -> None:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        peer = "?"
-    try:
-        await _connection(budget, stream)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
-        pass  # the peer went away; nothing to report
-    except ServiceStopped:
-        pass
-    except Exception:
-        log.exception("connection from %s failed; closing it", peer)
-    finally:
-        with trio.move_on_after(1) as cleanup:
-            cleanup.shield = True
-            await stream.aclose()
+class _Server:
+    def __init__(self, budget: Budget, options: ServerOptions) -> None:
+        self.budget = budget
+        self.options = options
+        self.connections = 0
 
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Containment: whatever happens in here stays in this connection."""
+        peer = _peer(stream)
+        try:
+            await self._connection(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+            pass  # the peer went away; nothing to report
+        except ServiceStopped:
+            pass
+        except Exception:
+            # The peer's address, never the request target: it may hold a token.
+            log.exception("connection from %s failed; closing it", peer)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await trio.aclose_forcefully(stream)
 
-async def _connection(budget: Budget, stream: trio.SocketStream) -> None:
-    with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-        head = await _read_head(stream)
-    if head is None:
-        return
-    raw, request = head
-    target = request.target.decode("latin-1").split("?", 1)[0]
-    if _is_upgrade(request):
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        head = None
+        with trio.move_on_after(self.options.handshake_timeout_s):
+            head = await _read_head(stream)
+        if head is None:
+            return
+        raw, request = head
+        target = request.target.decode("latin-1").split("?", 1)[0]
+        head_only = request.method == b"HEAD"
+        if _is_upgrade(request):
+            await self._upgrade(stream, raw, request, target)
+        elif request.method not in (b"GET", b"HEAD"):
+            await _respond(stream, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+        elif target == "/health":
+            health = await self.budget.health()
+            code = 200 if health.ok else 503
+            await _respond(stream, code, encode(health), json=True, head_only=head_only)
+        elif target == "/metrics":
+            body = _metrics.render(await self.budget.health()).encode()
+            kind = [(b"content-type", b"text/plain; version=0.0.4")]
+            await _respond(stream, 200, body, kind, head_only=head_only)
+        else:
+            body = b"not found: try /ws, /health or /metrics\n"
+            await _respond(stream, 404, body, head_only=head_only)
+
+    async def _upgrade(
+        self, stream: trio.abc.Stream, raw: bytes, request: h11.Request, target: str
+    ) -> None:
         if target != WS_PATH:
             await _respond(stream, 404, b"not found: the WebSocket is at /ws\n")
             return
-        await _websocket(budget, _ReplayStream(stream, raw))
-        return
-    head_only = request.method == b"HEAD"
-    if request.method not in (b"GET", b"HEAD"):
-        await _respond(stream, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
-    elif target == "/health":
-        health = await budget.health()
-        code = 200 if health.ok else 503
-        await _respond(stream, code, encode(health), json=True, head_only=head_only)
-    elif target == "/metrics":
-        body = _metrics.render(await budget.health()).encode()
-        kind = [(b"content-type", b"text/plain; version=0.0.4")]
-        await _respond(stream, 200, body, kind, head_only=head_only)
-    else:
-        await _respond(
-            stream, 404, b"not found: try /ws, /health or /metrics\n", head_only=head_only
-        )
+        role = self.options.access.role(list(request.headers), request.target)
+        if role is None:
+            await _respond(
+                stream,
+                401,
+                b"unauthorized: present a token as 'Authorization: Bearer TOKEN' or ?token=\n",
+                [(b"www-authenticate", b'Bearer realm="budget_actor"')],
+            )
+            return
+        if self.connections >= self.options.max_connections:
+            await _respond(
+                stream, 503, b"too many connections; retry later\n", [(b"retry-after", b"1")]
+            )
+            return
+        self.connections += 1
+        try:
+            await self._websocket(_ReplayStream(stream, raw), role)
+        finally:
+            self.connections -= 1
+
+    async def _websocket(self, stream: _ReplayStream, role: Role) -> None:
+        async with trio.open_nursery() as nursery:
+            request = await wrap_server_stream(
+                nursery, stream, max_message_size=self.options.max_frame_bytes
+            )
+            ws = await request.accept()
+            try:
+                await _Session(self.budget, ws, role, self.options).run()
+            finally:
+                with trio.move_on_after(CLOSE_TIMEOUT_S) as closing:
+                    closing.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
 
 
-async def _read_head(stream: trio.SocketStream) -> tuple[bytes, h11.Request] | None:
+def _peer(stream: trio.abc.Stream) -> str:
+    inner: Any = getattr(stream, "transport_stream", stream)
+    try:
+        host, port = inner.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "?"
+
+
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request] | None:
     """Read until h11 sees a whole request head; None if the peer gives up or
     sends garbage (a 400 is sent for garbage)."""
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -178,7 +258,7 @@ async def _read_head(stream: trio.SocketStream) -> tuple[bytes, h11.Request] | N
             if not data:
                 return None
             raw += data
-            parser.receive_data(data)
+            parser.receive_data(bytes(data))
         else:
             return None
 
@@ -222,80 +302,120 @@ async def _respond(
     await stream.send_all(data)
 
 
-async def _websocket(budget: Budget, stream: _ReplayStream) -> None:
-    async with trio.open_nursery() as nursery:
-        request = await wrap_server_stream(nursery, stream, max_message_size=MAX_FRAME_BYTES)
-        ws = await request.accept()
+_KIND: dict[type[Any], str] = {
+    SubscribeRequest: "subscribe",
+    CostRequest: "cost",
+    CycleRequest: "cycle",
+    HealthRequest: "health",
+    AdmitRequest: "admit",
+}
+
+
+class _Session:
+    """One WebSocket client's conversation.
+
+    The reader decodes, checks the role and the rate, and forwards; acks go
+    out from their own task, in order, each once its cost is durable; spend
+    pushes go out from the pusher task; a keepalive task drops a dead peer.
+    """
+
+    def __init__(
+        self, budget: Budget, ws: WebSocketConnection, role: Role, options: ServerOptions
+    ) -> None:
+        self.budget = budget
+        self.ws = ws
+        self.role = role
+        self.options = options
+        self.subscription: Subscription | None = None
+
+    async def run(self) -> None:
+        acks_in, acks_out = trio.open_memory_channel[tuple[str, CostReceipt]](ACK_WINDOW)
         try:
-            await _session(budget, ws)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ack_writer, acks_out)
+                nursery.start_soon(self._keepalive, nursery.cancel_scope)
+                await self._read(nursery, acks_in)
+                nursery.cancel_scope.cancel()
         finally:
-            await ws.aclose()
-            nursery.cancel_scope.cancel()
+            if self.subscription is not None:
+                self.budget.unsubscribe(self.subscription)
 
+    async def _read(
+        self,
+        nursery: trio.Nursery,
+        acks: trio.MemorySendChannel[tuple[str, CostReceipt]],
+    ) -> None:
+        ws, budget, options = self.ws, self.budget, self.options
+        max_cost = budget.config.max_cost
+        bucket = TokenBucket(options.rate_per_s, options.burst, trio.current_time())
+        overloads = 0
+        while True:
+            try:
+                frame = await ws.get_message()
+            except ConnectionClosed:
+                return
+            if not bucket.take(trio.current_time()):
+                overloads += 1
+                if overloads > options.max_overloads:
+                    await ws.aclose(1008, "message rate limit exceeded")
+                    return
+                await self._error("overloaded", "message rate limit exceeded; slow down")
+                continue
+            try:
+                request = decode(frame, max_cost=max_cost)
+            except WireError as exc:
+                await ws.send_message(exc.frame().decode())
+                continue
+            kind = _KIND[type(request)]
+            if not may(self.role, kind):
+                await self._error("forbidden", f"an {self.role} may not send `{kind}`")
+            elif isinstance(request, CostRequest):
+                receipt = await budget.submit(request)
+                await acks.send((request.dispatch_id, receipt))
+            elif isinstance(request, CycleRequest):
+                await budget.cycle()
+            elif isinstance(request, HealthRequest):
+                health = await budget.health()
+                if request.id is not None:
+                    health = msgspec.structs.replace(health, id=request.id)
+                await ws.send_message(encode(health).decode())
+            elif isinstance(request, SubscribeRequest):
+                if self.subscription is None:
+                    self.subscription = await budget.open_subscription()
+                    nursery.start_soon(self._pusher, self.subscription)
+            elif isinstance(request, AdmitRequest):
+                await self._error("invalid_message", "`admit` is not supported by this version")
 
-async def _session(budget: Budget, ws: WebSocketConnection) -> None:
-    """One client's conversation: read frames until the peer closes."""
-    max_cost = budget.config.max_cost
-    acks_in, acks_out = trio.open_memory_channel[tuple[str, CostReceipt]](ACK_WINDOW)
-    subscription: Subscription | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_ack_writer, ws, acks_out)
-            while True:
-                try:
-                    frame = await ws.get_message()
-                except ConnectionClosed:
-                    break
-                try:
-                    request = decode(frame, max_cost=max_cost)
-                except WireError as exc:
-                    await ws.send_message(exc.frame().decode())
-                    continue
-                if isinstance(request, CostRequest):
-                    receipt = await budget.submit(request)
-                    await acks_in.send((request.dispatch_id, receipt))
-                elif isinstance(request, CycleRequest):
-                    await budget.cycle()
-                elif isinstance(request, HealthRequest):
-                    health = await budget.health()
-                    if request.id is not None:
-                        health = msgspec.structs.replace(health, id=request.id)
-                    await ws.send_message(encode(health).decode())
-                elif isinstance(request, SubscribeRequest):
-                    if subscription is None:
-                        subscription = await budget.open_subscription()
-                        nursery.start_soon(_pusher, ws, subscription)
-                elif isinstance(request, AdmitRequest):
-                    await ws.send_message(
-                        WireError("invalid_message", "`admit` is not supported by this version")
-                        .frame()
-                        .decode()
-                    )
-            nursery.cancel_scope.cancel()
-    finally:
-        if subscription is not None:
-            budget.unsubscribe(subscription)
+    async def _error(self, code: ErrorCode, detail: str) -> None:
+        await self.ws.send_message(WireError(code, detail).frame().decode())
 
+    async def _ack_writer(self, acks: trio.MemoryReceiveChannel[tuple[str, CostReceipt]]) -> None:
+        async for dispatch_id, receipt in acks:
+            await receipt.durable.wait()
+            ack = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
+            await self.ws.send_message(encode(ack).decode())
 
-async def _ack_writer(
-    ws: WebSocketConnection, acks: trio.MemoryReceiveChannel[tuple[str, CostReceipt]]
-) -> None:
-    async for dispatch_id, receipt in acks:
-        await receipt.durable.wait()
-        await ws.send_message(
-            encode(AckMessage(dispatch_id, receipt.duplicate, receipt.seq)).decode()
-        )
+    async def _pusher(self, subscription: Subscription) -> None:
+        while True:
+            try:
+                item = await subscription.next()
+            except trio.EndOfChannel:
+                if subscription.overflowed:
+                    await self.ws.aclose(1008, "subscriber is not reading its alerts")
+                return
+            if isinstance(item, Published):
+                await self.ws.send_message(item.frame())
+            else:
+                await self.ws.send_message(encode(item).decode())
 
-
-async def _pusher(ws: WebSocketConnection, subscription: Subscription) -> None:
-    while True:
-        try:
-            item = await subscription.next()
-        except trio.EndOfChannel:
-            if subscription.overflowed:
-                await ws.aclose(1008, "subscriber is not reading its alerts")
+    async def _keepalive(self, session: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(self.options.ping_interval_s)
+            with trio.move_on_after(self.options.ping_timeout_s):
+                await self.ws.ping()
+                continue
+            log.info(
+                "peer did not answer a ping in %.0fs; dropping it", self.options.ping_timeout_s
+            )
+            session.cancel()
             return
-        if isinstance(item, Published):
-            await ws.send_message(item.frame())
-        else:
-            await ws.send_message(encode(item).decode())

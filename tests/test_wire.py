@@ -67,7 +67,7 @@ def test_a_json_number_is_read_exactly_from_its_text() -> None:
         (_cost(usd="sNaN"), "invalid_cost", "usd"),
         (_cost(usd=None), "invalid_cost", "usd"),
         (_cost(usd=[1]), "invalid_cost", "usd"),
-        (_cost(usd="0.0000000000001"), "invalid_cost", "usd"),
+        (_cost(usd="1e-65"), "invalid_cost", "usd"),
         (_cost(usd=True), "invalid_cost", "usd"),
         (_cost(usd="1000.01"), "invalid_cost", "usd"),
         ('{"type":"cost","dispatch_id":"x","usd":1e400}', "invalid_cost", "usd"),
