@@ -26,7 +26,7 @@ class ServeProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     async def start(self) -> ServeProcess:
-        errors = open(self.log, "a")  # noqa: SIM115 - owned by the process
+        errors = open(self.log, "a")  # the child keeps its own descriptor
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,

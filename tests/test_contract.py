@@ -853,7 +853,7 @@ async def test_options_from_environment(sqlite_url: str, launcher: Launcher) -> 
             await sub.recv_type("alert"), threshold="0.5", spend="1.5", cap="2.50", to="Ops Desk"
         )
     assert not (launcher.workdir / "budget.db").exists()
-    assert Path(sqlite_url.removeprefix("sqlite:///")).exists()  # noqa: ASYNC240
+    assert Path(sqlite_url.removeprefix("sqlite:///")).exists()
 
 
 async def test_option_overrides_environment(sqlite_url: str, launcher: Launcher) -> None:
