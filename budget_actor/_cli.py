@@ -12,13 +12,17 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NoReturn
 
 import trio
 
+from ._access import Access, is_loopback
 from ._config import BudgetConfig, ConfigError, make_config
+from ._server import ServerOptions, serve
 from ._service import open_budget
 from ._store import StoreError
 from ._supervisor import Escalation
@@ -65,6 +69,7 @@ def _parser() -> _Parser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         default=_env("BUDGET_LOG_LEVEL", "INFO"),
     )
+    _add_access_options(serve)
     serve.set_defaults(run=_cmd_serve)
 
     demo = commands.add_parser("demo", help="a self-contained run on a temporary database")
@@ -79,6 +84,8 @@ def _parser() -> _Parser:
     status = commands.add_parser("status", help="print a running service's health")
     status.add_argument("--url", default=_env("BUDGET_URL", DEFAULT_URL))
     status.add_argument("--json", action="store_true", help="print the health JSON")
+    status.add_argument("--token", default=_env("BUDGET_TOKEN", ""), help="observer token")
+    status.add_argument("--cafile", default=None, help="CA bundle to trust for wss://")
     status.set_defaults(run=_cmd_status)
     return parser
 
@@ -90,6 +97,68 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--persist-every", default=_env("BUDGET_PERSIST_EVERY", "10"))
     parser.add_argument("--timezone", default=_env("BUDGET_TIMEZONE", "UTC"))
     parser.add_argument("--max-cost", default=_env("BUDGET_MAX_COST", "1000"))
+
+
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    # Tokens are best given in the environment: a command line is visible to
+    # every user of the machine in `ps`.
+    parser.add_argument("--dispatcher-token", default=_env("BUDGET_DISPATCHER_TOKEN", ""))
+    parser.add_argument("--observer-token", default=_env("BUDGET_OBSERVER_TOKEN", ""))
+    parser.add_argument("--tls-cert", default=_env("BUDGET_TLS_CERT", ""))
+    parser.add_argument("--tls-key", default=_env("BUDGET_TLS_KEY", ""))
+    parser.add_argument(
+        "--max-connections", type=int, default=_env("BUDGET_MAX_CONNECTIONS", "1000")
+    )
+    parser.add_argument(
+        "--max-frame-bytes", type=int, default=_env("BUDGET_MAX_FRAME_BYTES", "65536")
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=_env("BUDGET_RATE_LIMIT", "20000"),
+        help="messages per second and connection (bursts up to twice that)",
+    )
+    parser.add_argument(
+        "--handshake-timeout", type=float, default=_env("BUDGET_HANDSHAKE_TIMEOUT", "10")
+    )
+    parser.add_argument("--ping-interval", type=float, default=_env("BUDGET_PING_INTERVAL", "20"))
+
+
+def _server_options(args: argparse.Namespace) -> ServerOptions:
+    """Validate the access and limit options; raises ConfigError naming the option."""
+    for name in ("max_connections", "max_frame_bytes", "rate_limit", "handshake_timeout"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"`{name.replace('_', '-')}` must be greater than 0")
+    if args.ping_interval <= 0:
+        raise ConfigError("`ping-interval` must be greater than 0")
+    access = Access(
+        dispatcher_token=args.dispatcher_token or None, observer_token=args.observer_token or None
+    )
+    if access.open and not is_loopback(args.host):
+        raise ConfigError(
+            f"refusing to listen on {args.host} with no tokens: anyone who can reach it could"
+            " spend; set BUDGET_DISPATCHER_TOKEN (and BUDGET_OBSERVER_TOKEN) or use 127.0.0.1"
+        )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("`tls-cert` and `tls-key` go together")
+    context = None
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load `tls-cert`/`tls-key`: {exc}") from None
+    return ServerOptions(
+        access=access,
+        max_connections=args.max_connections,
+        max_frame_bytes=args.max_frame_bytes,
+        rate_per_s=args.rate_limit,
+        burst=max(1, int(args.rate_limit * 2)),
+        handshake_timeout_s=args.handshake_timeout,
+        ping_interval_s=args.ping_interval,
+        ping_timeout_s=args.ping_interval,
+        ssl_context=context,
+    )
 
 
 def _config(args: argparse.Namespace) -> BudgetConfig:
@@ -125,12 +194,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         config = _config(args)
+        options = _server_options(args)
     except ConfigError as exc:
         return _fail(str(exc))
     if not 0 <= args.port <= 65535:
         return _fail(f"`port` must be in 0..65535, got {args.port}")
     try:
-        code: int = trio.run(_serve, config, args.database, args.host, args.port, args.spill)
+        code: int = trio.run(
+            _serve, config, options, args.database, args.host, args.port, args.spill
+        )
         return code
     except BaseException as exc:
         cause = _find(exc, (StoreError, Escalation, OSError))
@@ -158,17 +230,25 @@ def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseExc
     return None
 
 
-async def _serve(config: BudgetConfig, database: str, host: str, port: int, spill: str) -> int:
-    from ._server import serve
-
+async def _serve(
+    config: BudgetConfig,
+    options: ServerOptions,
+    database: str,
+    host: str,
+    port: int,
+    spill: str,
+) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_budget(config, database=database, spill=spill or True) as budget:
             async with trio.open_nursery() as nursery:
-                real_port = await nursery.start(serve, budget, host, port)
+                real_port = await nursery.start(partial(serve, options=options), budget, host, port)
                 shown = f"[{host}]" if ":" in host else host
+                tls = "s" if options.ssl_context is not None else ""
+                access = "open" if options.access.open else "tokens"
                 print(
-                    f"budget-actor serving ws://{shown}:{real_port}/ws"
-                    f" (health: http://{shown}:{real_port}/health, store: {budget.store_kind})",
+                    f"budget-actor serving ws{tls}://{shown}:{real_port}/ws"
+                    f" (health: http{tls}://{shown}:{real_port}/health,"
+                    f" store: {budget.store_kind}, access: {access})",
                     flush=True,
                 )
                 async for signum in signals:
@@ -238,7 +318,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
-        health = trio.run(_fetch_health, args.url)
+        health = trio.run(_fetch_health, args.url, args.token, args.cafile)
     except (OSError, trio.TooSlowError, ValueError) as exc:
         return _fail(f"cannot reach {args.url}: {exc}")
     except Exception as exc:  # trio-websocket handshake errors and friends
@@ -254,11 +334,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if health.get("status") == "ok" else EXIT_FAILED
 
 
-async def _fetch_health(url: str) -> dict[str, Any]:
+async def _fetch_health(url: str, token: str, cafile: str | None) -> dict[str, Any]:
     from trio_websocket import open_websocket_url
 
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
     with trio.fail_after(10):
-        async with open_websocket_url(url) as ws:
+        async with open_websocket_url(url, ssl_context=context, extra_headers=headers) as ws:
             await ws.send_message(json.dumps({"type": "health", "id": "status"}))
             while True:
                 message = json.loads(await ws.get_message())
