@@ -190,6 +190,7 @@ class BudgetActor:
             self._apply(ledger.tick(self._clock()))
             message.reply.set(
                 ledger.health(
+                    self._clock(),
                     store=self.store.kind,
                     subscribers=len(self._subscribers),
                     uptime_s=round(trio.current_time() - self._started_at, 3),
@@ -254,6 +255,8 @@ class BudgetActor:
             threshold=float(alert.threshold),
             daily_spend=alert.daily_spend,
             daily_cap=alert.daily_cap,
+            kind=alert.kind if alert.projected_spend is not None else None,
+            projected_spend=alert.projected_spend,
         )
         log.info(
             "alert delivered to %s: %s%% of %s on %s",

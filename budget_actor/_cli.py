@@ -97,6 +97,12 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--persist-every", default=_env("BUDGET_PERSIST_EVERY", "10"))
     parser.add_argument("--timezone", default=_env("BUDGET_TIMEZONE", "UTC"))
     parser.add_argument("--max-cost", default=_env("BUDGET_MAX_COST", "1000"))
+    parser.add_argument(
+        "--forecast-alert",
+        action="store_true",
+        default=_env("BUDGET_FORECAST_ALERT", "") not in ("", "0", "false", "no"),
+        help="also nudge AG Lu when the projected end-of-day spend crosses the cap",
+    )
 
 
 def _add_access_options(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +175,7 @@ def _config(args: argparse.Namespace) -> BudgetConfig:
         persist_every=args.persist_every,
         timezone=args.timezone,
         max_cost=args.max_cost,
+        forecast_alert=args.forecast_alert,
     )
 
 

@@ -26,6 +26,8 @@ class BudgetConfig(msgspec.Struct, frozen=True, kw_only=True):
     persist_every: int = DEFAULT_PERSIST_EVERY
     timezone: str = "UTC"
     max_cost: Decimal = DEFAULT_MAX_COST
+    # Nudge AG Lu once a day when the projected end-of-day spend crosses the cap.
+    forecast_alert: bool = False
 
     @property
     def zone(self) -> ZoneInfo:
@@ -40,6 +42,7 @@ def make_config(
     persist_every: object = DEFAULT_PERSIST_EVERY,
     timezone: str = "UTC",
     max_cost: object = "1000",
+    forecast_alert: bool = False,
 ) -> BudgetConfig:
     """Validate raw option values (strings from the command line, or Python
     values) and return a :class:`BudgetConfig`.
@@ -90,6 +93,7 @@ def make_config(
         persist_every=every,
         timezone=timezone,
         max_cost=maximum,
+        forecast_alert=forecast_alert,
     )
 
 

@@ -16,12 +16,13 @@ back (an NTP step must not reopen yesterday).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Literal
 
 import msgspec
 
+from ._burn import BurnRate, project
 from ._config import BudgetConfig
 from ._money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
 from ._records import Alert, JournalEntry, Restored, Snapshot
@@ -66,15 +67,41 @@ def day_of(now: datetime, config: BudgetConfig) -> str:
     return now.astimezone(config.zone).date().isoformat()
 
 
+def day_bounds(now: datetime, config: BudgetConfig) -> tuple[str, datetime, datetime]:
+    """The budget day of ``now`` with its start and end (next midnight), in UTC.
+
+    Midnight is taken in the configured zone, so a day may last 23 or 25 hours
+    around a DST change.
+    """
+    if now.tzinfo is None:
+        raise ValueError("the clock must return timezone-aware datetimes")
+    zone = config.zone
+    local = now.astimezone(zone).date()
+    start = datetime.combine(local, time(0), tzinfo=zone).astimezone(UTC)
+    end = datetime.combine(local + timedelta(days=1), time(0), tzinfo=zone).astimezone(UTC)
+    return local.isoformat(), start, end
+
+
 @dataclass
 class _Day:
     day: str
+    starts_at: datetime
+    ends_at: datetime
+    burn: BurnRate
     spend: Decimal = Decimal(0)
     dispatches: int = 0
     cycles: int = 0
     alerts_sent: set[Decimal] = field(default_factory=set)
+    forecast_sent: bool = False
     # dispatch_id -> seq of the cost that counted it.
     seen: dict[str, int] = field(default_factory=dict)
+    # The spend at which the next threshold alert is due (None: all sent).
+    next_alert_at: Decimal | None = None
+
+
+def _new_day(now: datetime, config: BudgetConfig) -> _Day:
+    day, start, end = day_bounds(now, config)
+    return _Day(day, start, end, BurnRate(start, Decimal(0)))
 
 
 class Ledger:
@@ -88,7 +115,9 @@ class Ledger:
 
     def __init__(self, config: BudgetConfig, now: datetime, *, seq: int = 0) -> None:
         self.config = config
-        self._today = _Day(day_of(now, config))
+        self._levels = [(t, MONEY_CONTEXT.multiply(t, config.daily_cap)) for t in config.alert_at]
+        self._today = _new_day(now, config)
+        self._arm()
         self._seq = seq
         self._durable_seq = seq
         self._store_ok = True
@@ -123,23 +152,34 @@ class Ledger:
         # alerts_sent may have been written before the row (they travel
         # separately), so trusting it could swallow an alert for good.
         today.alerts_sent.update(restored.alerts_sent)
+        today.forecast_sent = restored.forecast_sent
         today.seen.update(restored.dispatch_ids)
         for entry in restored.entries:
             today.spend = add(today.spend, entry.usd)
             today.dispatches += 1
             today.seen[entry.dispatch_id] = entry.seq
+        # The burn rate's history starts now: what was spent before the
+        # restart is not known by time, and must not read as a burst.
+        today.burn = BurnRate(now, today.spend)
+        ledger._arm()
         effects: list[Effect] = list(ledger._crossings(now))
         return ledger, effects
 
     # -- events --------------------------------------------------------------
 
     def tick(self, now: datetime) -> list[Effect]:
-        """Let time pass: roll the day over if ``now`` is in a later day."""
-        day = day_of(now, self.config)
-        if day <= self._today.day:
-            return []
+        """Let time pass: roll the day over once ``now`` reaches midnight, and
+        check the end-of-day projection (when forecast alerts are on)."""
+        if now >= self._today.ends_at:
+            return self._roll(now)
+        if self.config.forecast_alert and not self._today.forecast_sent:
+            return self._forecast(now)
+        return []
+
+    def _roll(self, now: datetime) -> list[Effect]:
         old = self.snapshot()
-        self._today = _Day(day)
+        self._today = _new_day(now, self.config)
+        self._arm()
         return [PatchDue(old, "rollover")]
 
     def record(
@@ -156,7 +196,8 @@ class Ledger:
         """Count one cost, unless its ``dispatch_id`` was already counted today."""
         if not usd.is_finite() or usd < 0:
             raise ValueError(f"unvalidated amount reached the ledger: {usd}")
-        effects = self.tick(now)
+        # Only a date comparison per cost: the day is worked out once a day.
+        effects = self._roll(now) if now >= self._today.ends_at else []
         today = self._today
         original = today.seen.get(dispatch_id)
         if original is not None:
@@ -165,6 +206,7 @@ class Ledger:
         today.spend = add(today.spend, usd)
         today.dispatches += 1
         today.seen[dispatch_id] = self._seq
+        today.burn.observe(now, today.spend)
         entry = JournalEntry(
             seq=self._seq,
             day=today.day,
@@ -176,12 +218,13 @@ class Ledger:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
         )
-        effects.extend(self._crossings(now))
+        if today.next_alert_at is not None and today.spend >= today.next_alert_at:
+            effects.extend(self._crossings(now))
         return Recorded(self._seq, False, entry, tuple(effects))
 
     def cycle(self, now: datetime) -> list[Effect]:
         """Count one heartbeat cycle; every ``persist_every``-th asks for a patch."""
-        effects = self.tick(now)
+        effects = self._roll(now) if now >= self._today.ends_at else []
         self._today.cycles += 1
         if self._today.cycles % self.config.persist_every == 0:
             effects.append(PatchDue(self.snapshot(), "cycle"))
@@ -240,9 +283,10 @@ class Ledger:
             seq=self._seq,
         )
 
-    def health(self, *, store: str, subscribers: int, uptime_s: float) -> Health:
+    def health(self, now: datetime, *, store: str, subscribers: int, uptime_s: float) -> Health:
         """All health figures; the caller supplies the ones that are not accounting."""
         today = self._today
+        burn_60m = today.burn.rate(now, 3600)
         cap = self.config.daily_cap
         every = self.config.persist_every
         degraded = not self._store_ok or self._catching_up
@@ -265,32 +309,52 @@ class Ledger:
             dispatches=today.dispatches,
             seq=self._seq,
             pending=self._seq - self._durable_seq,
+            burn_rate_5m=today.burn.rate(now, 300),
+            burn_rate_60m=burn_60m,
+            projected_spend=project(today.spend, burn_60m, now, today.ends_at),
         )
 
     # -- internals -----------------------------------------------------------
 
+    def _arm(self) -> None:
+        """Recompute the spend at which the next threshold alert falls due."""
+        sent = self._today.alerts_sent
+        due = [amount for t, amount in self._levels if t not in sent]
+        self._today.next_alert_at = min(due) if due else None
+
     def _crossings(self, now: datetime) -> list[Effect]:
         today = self._today
-        cap = self.config.daily_cap
         effects: list[Effect] = []
-        for threshold in self.config.alert_at:
-            if threshold in today.alerts_sent:
-                continue
-            if today.spend >= MONEY_CONTEXT.multiply(threshold, cap):
+        for threshold, amount in self._levels:
+            if threshold not in today.alerts_sent and today.spend >= amount:
                 today.alerts_sent.add(threshold)
-                effects.append(
-                    AlertDue(
-                        Alert(
-                            to=self.config.alert_to,
-                            day=today.day,
-                            threshold=threshold,
-                            daily_spend=today.spend,
-                            daily_cap=cap,
-                            created_at=now,
-                        )
-                    )
-                )
+                effects.append(AlertDue(self._alert(now, threshold)))
+        self._arm()
         return effects
+
+    def _forecast(self, now: datetime) -> list[Effect]:
+        today = self._today
+        cap = self.config.daily_cap
+        if today.spend >= cap:
+            return []  # the real spend got there first; its alerts say so
+        projected = project(today.spend, today.burn.rate(now, 3600), now, today.ends_at)
+        if projected <= cap:
+            return []
+        today.forecast_sent = True
+        return [AlertDue(self._alert(now, Decimal(1), projected=projected))]
+
+    def _alert(self, now: datetime, threshold: Decimal, projected: Decimal | None = None) -> Alert:
+        today = self._today
+        return Alert(
+            to=self.config.alert_to,
+            day=today.day,
+            threshold=threshold,
+            daily_spend=today.spend,
+            daily_cap=self.config.daily_cap,
+            created_at=now,
+            kind="threshold" if projected is None else "forecast",
+            projected_spend=projected,
+        )
 
 
 def _remaining(cap: Decimal, spend: Decimal) -> Decimal:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -85,6 +85,10 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     daily_spend: Decimal
     daily_cap: Decimal
     created_at: datetime
+    # "forecast": the projected end-of-day spend crossed the cap (see
+    # --forecast-alert); threshold is then 1.
+    kind: Literal["threshold", "forecast"] = "threshold"
+    projected_spend: Decimal | None = None
 
     @property
     def percent(self) -> str:
@@ -92,10 +96,12 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def nudge_name(self) -> str:
+        if self.kind == "forecast":
+            return f"budget_forecast_{self.day}"
         return f"budget_alert_{self.day}_{self.percent}"
 
     def body(self) -> dict[str, Any]:
-        return {
+        body = {
             "to": self.to,
             "from": NUDGE_FROM,
             "day": self.day,
@@ -104,6 +110,10 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
             "daily_cap": to_wire(self.daily_cap),
             "created_at": iso_utc(self.created_at),
         }
+        if self.projected_spend is not None:
+            body["kind"] = self.kind
+            body["projected_spend"] = to_wire(self.projected_spend)
+        return body
 
 
 class Restored(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +129,8 @@ class Restored(msgspec.Struct, frozen=True, kw_only=True):
     dispatch_ids: dict[str, int]
     # Thresholds whose nudge row for ``day`` exists.
     alerts_sent: frozenset[Decimal]
+    # Whether the forecast nudge of ``day`` was sent.
+    forecast_sent: bool = False
     # Highest seq ever journaled or patched, so seq keeps growing.
     max_seq: int
 

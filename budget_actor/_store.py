@@ -274,6 +274,11 @@ class Store(ABC):
                 sent.add((Decimal(str(name)[len(prefix) :]) / 100).normalize())
             except ArithmeticError:
                 continue  # not one of ours; never touch it
+        cur.execute(
+            f"SELECT count(*) FROM quilt_patches WHERE type = {p} AND name = {p}",
+            (NUDGE_TYPE, f"budget_forecast_{day}"),
+        )
+        forecast_sent = int(cur.fetchone()[0]) > 0
         cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_journal")
         max_seq = int(cur.fetchone()[0])
         if patch is not None:
@@ -284,6 +289,7 @@ class Store(ABC):
             entries=tuple(entries),
             dispatch_ids=ids,
             alerts_sent=frozenset(sent),
+            forecast_sent=forecast_sent,
             max_seq=max_seq,
         )
 

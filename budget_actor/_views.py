@@ -34,6 +34,10 @@ class AlertNotice(msgspec.Struct, frozen=True, kw_only=True, tag="alert", tag_fi
     threshold: float
     daily_spend: Decimal
     daily_cap: Decimal
+    # Only on a forecast alert (--forecast-alert): kind "forecast" and the
+    # projected end-of-day spend. Absent on threshold alerts.
+    kind: str | None = None
+    projected_spend: Decimal | None = None
 
 
 class Health(
@@ -63,6 +67,12 @@ class Health(
     dispatches: int
     seq: int
     pending: int
+    # USD per hour over the last 5 and 60 minutes (since the start of the day
+    # or of this process, if shorter), and the spend at midnight if the day
+    # keeps burning at the 60-minute rate.
+    burn_rate_5m: Decimal
+    burn_rate_60m: Decimal
+    projected_spend: Decimal
     # Echo of the request's ``id``; omitted when the request had none.
     id: str | None = None
 

@@ -170,6 +170,8 @@ _text_decoder = msgspec.json.Decoder(str)
 _encoder = msgspec.json.Encoder()
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z_]+)[^`]*`")
 _AMOUNT_FIELDS = {"usd", "estimate_usd"}
+# Optional fields that are left out rather than sent as null.
+_OMIT_IF_NONE = frozenset({"id", "kind", "projected_spend"})
 
 
 def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
@@ -254,6 +256,6 @@ def encode(message: Spend | AlertNotice | Health | Ack | Error) -> bytes:
     for name, value in msgspec.structs.asdict(message).items():
         if isinstance(value, Decimal):
             fields[name] = to_wire(value)
-        elif value is not None or name != "id":
+        elif value is not None or name not in _OMIT_IF_NONE:
             fields[name] = value
     return _encoder.encode(fields)

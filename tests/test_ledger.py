@@ -22,7 +22,7 @@ def test_costs_accumulate_exactly() -> None:
     for i, usd in enumerate(["0.1", "0.2", "0.000001"]):
         ledger.record(T0, f"d{i}", Decimal(usd))
     assert ledger.daily_spend == Decimal("0.300001")
-    health = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    health = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert health.dispatches == 3
     assert health.remaining == Decimal("9.699999")
     assert health.utilization == pytest.approx(0.0300001)
@@ -69,7 +69,7 @@ def test_every_nth_cycle_asks_for_a_patch() -> None:
     patch = due[2][0]
     assert isinstance(patch, PatchDue) and patch.reason == "cycle"
     assert patch.snapshot.cycle_count == 3 and patch.snapshot.daily_spend == Decimal("1.5")
-    health = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    health = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert (health.cycle_count, health.cycles_until_persist) == (6, 3)
 
 
@@ -85,7 +85,7 @@ def test_rollover_persists_old_day_and_rearms_alerts() -> None:
     assert rolled.snapshot.alerts_sent == (Decimal("0.5"), Decimal("0.8"))
     assert not recorded.duplicate
     assert [e.alert.day for e in recorded.effects if isinstance(e, AlertDue)] == ["2026-12-02"]
-    health = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    health = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert (health.day, health.daily_spend, health.cycle_count) == ("2026-12-02", Decimal("6"), 0)
 
 
@@ -126,7 +126,7 @@ def test_store_failure_degrades_until_caught_up() -> None:
     ledger.record(T0, "b", Decimal("1"))
 
     def health() -> tuple[str, bool, int]:
-        h = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+        h = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
         return h.status, h.store_ok, h.pending
 
     assert health() == ("ok", True, 2)
@@ -136,7 +136,7 @@ def test_store_failure_degrades_until_caught_up() -> None:
     assert health() == ("degraded", True, 1)  # reachable again, still behind
     ledger.persisted(2, T0, patch_written=True)
     assert health() == ("ok", True, 0)
-    assert ledger.health(store="x", subscribers=0, uptime_s=0).last_persist_at == T0
+    assert ledger.health(T0, store="x", subscribers=0, uptime_s=0).last_persist_at == T0
 
 
 def _restored(**kw: object) -> Restored:
@@ -171,7 +171,7 @@ def test_restore_is_patch_plus_later_journal() -> None:
     assert effects == []
     assert ledger.daily_spend == Decimal("3.25")
     assert ledger.seq == 8
-    h = ledger.health(store="sqlite", subscribers=0, uptime_s=0)
+    h = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert (h.dispatches, h.cycle_count) == (8, 20)
     again = ledger.record(T0, "x", Decimal("1"))
     assert again.duplicate and again.seq == 3  # the original's seq, from the journal
