@@ -91,11 +91,11 @@ def check_usd(amount: Decimal, *, field: str = "usd", maximum: Decimal | None = 
         raise InvalidAmount(f"`{field}` must not be negative, got {amount}")
     if maximum is not None and amount > maximum:
         raise InvalidAmount(f"`{field}` {amount} is above the per-dispatch maximum {maximum}")
-    exponent = amount.as_tuple().exponent
+    _sign, digits, exponent = amount.as_tuple()
     assert isinstance(exponent, int)  # finite, checked above
     # The plain-notation text must stay short too: 1e-400 is one character of
     # exponent but 400 digits once written out in the journal and on the wire.
-    if len(amount.as_tuple().digits) > MAX_AMOUNT_CHARS or abs(exponent) > MAX_AMOUNT_CHARS:
+    if len(digits) > MAX_AMOUNT_CHARS or abs(exponent) > MAX_AMOUNT_CHARS:
         raise InvalidAmount(f"`{field}` has too many digits (at most {MAX_AMOUNT_CHARS})")
     # -0 and 0E+3 become a plain 0; the sign of zero is not money.
     return amount.copy_abs() if amount == 0 else amount

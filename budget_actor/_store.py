@@ -26,6 +26,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+
 from ._records import (
     NUDGE_TYPE,
     PATCH_TYPE,
@@ -78,6 +80,11 @@ class Store(ABC):
     def _json_marker(self) -> str:
         return self._P
 
+    @abstractmethod
+    def _journal_insert(self) -> str:
+        """INSERT of journal rows from one JSON array parameter of JournalEntry
+        objects; rows that exist already (by seq, or by day and id) are skipped."""
+
     # -- the interface -------------------------------------------------------
 
     def open(self, *, create: bool = True) -> None:
@@ -103,12 +110,15 @@ class Store(ABC):
 
     def write(
         self,
-        entries: Sequence[JournalEntry],
+        entries: Sequence[JournalEntry] | JournalBatch,
         patches: Sequence[Snapshot],
         nudges: Sequence[Alert],
         now: datetime,
     ) -> set[str]:
         """Write a batch in one transaction; all of it or none of it.
+
+        ``entries`` may come pre-encoded as a :class:`JournalBatch` (the
+        persister encodes on the event loop's thread, see there).
 
         Journal entries already present (same seq, or same day and dispatch
         id) are skipped, which makes a retried or re-drained batch harmless.
@@ -181,32 +191,19 @@ class Store(ABC):
     def _write(
         self,
         cur: Any,
-        entries: Sequence[JournalEntry],
+        entries: Sequence[JournalEntry] | JournalBatch,
         patches: Sequence[Snapshot],
         nudges: Sequence[Alert],
         now: datetime,
     ) -> set[str]:
         p = self._P
-        if entries:
-            cur.executemany(
-                "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at, model,"
-                f" agent, input_tokens, output_tokens) VALUES ({p}, {p}, {p}, {p}, {p}, {p},"
-                f" {p}, {p}, {p}) ON CONFLICT DO NOTHING",
-                [
-                    (
-                        e.seq,
-                        e.day,
-                        e.dispatch_id,
-                        str(e.usd),
-                        self._time_param(e.at),
-                        e.model,
-                        e.agent,
-                        e.input_tokens,
-                        e.output_tokens,
-                    )
-                    for e in entries
-                ],
-            )
+        batch = entries if isinstance(entries, JournalBatch) else JournalBatch.of(entries)
+        if batch.count:
+            # One statement for the whole batch, its rows as one JSON array
+            # encoded by msgspec in C: the worker thread then does almost no
+            # Python work per cost, and holds the GIL (which the event loop
+            # needs) for microseconds instead of once per row.
+            cur.execute(self._journal_insert(), (batch.json,))
         latest: dict[str, Snapshot] = {}
         for snap in patches:
             latest[snap.day] = snap
@@ -310,6 +307,28 @@ def open_store(url: str) -> Store:
     raise StoreError(
         f"unsupported database URL {url.split('://')[0]!r}: use sqlite:///PATH or postgresql://…"
     )
+
+
+_journal_encoder = msgspec.json.Encoder()
+
+
+class JournalBatch:
+    """Journal entries encoded as one JSON array, ready for the store's bulk insert.
+
+    Encoding happens where :meth:`of` is called. The persister calls it on the
+    event loop's thread: the encoding holds the GIL either way, and there it
+    does not make the event loop wait for a worker thread to let go of it.
+    """
+
+    __slots__ = ("count", "json")
+
+    def __init__(self, json: str, count: int) -> None:
+        self.json = json
+        self.count = count
+
+    @classmethod
+    def of(cls, entries: Sequence[JournalEntry]) -> JournalBatch:
+        return cls(_journal_encoder.encode(entries).decode() if entries else "[]", len(entries))
 
 
 def dumps(body: dict[str, Any]) -> str:

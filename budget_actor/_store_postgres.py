@@ -68,6 +68,15 @@ class PostgresStore(Store):
     def _json_marker(self) -> str:
         return "%s::jsonb"
 
+    def _journal_insert(self) -> str:
+        return (
+            "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at, model, agent,"
+            " input_tokens, output_tokens) SELECT seq, day, dispatch_id, usd, at, model, agent,"
+            " input_tokens, output_tokens FROM jsonb_to_recordset(%s::jsonb) AS r(seq bigint,"
+            " day text, dispatch_id text, usd numeric, at timestamptz, model text, agent text,"
+            " input_tokens bigint, output_tokens bigint) ON CONFLICT DO NOTHING"
+        )
+
     def _json_param(self, body: dict[str, Any]) -> Any:
         return dumps(body)
 

@@ -22,8 +22,9 @@ from ._views import AlertNotice, Health, Spend
 # hold megabytes per cost.
 MAX_ID_CHARS = 256
 MAX_NAME_CHARS = 256
-# Control characters in ids break logs and terminals; refuse them.
-_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+# Control characters (C0, DEL and C1, such as the terminal escape CSI) in ids
+# break logs and terminals; refuse them.
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 DispatchId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=_PRINTABLE)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=_PRINTABLE)]
@@ -77,16 +78,6 @@ class CostRequest(msgspec.Struct, frozen=True):
     agent: str | None = None
 
 
-class _CostFields(msgspec.Struct, frozen=True):
-    """The constraints of a cost's non-amount fields, for in-process callers."""
-
-    dispatch_id: DispatchId
-    model: Name | None = None
-    input_tokens: TokenCount | None = None
-    output_tokens: TokenCount | None = None
-    agent: Name | None = None
-
-
 def cost_request(
     dispatch_id: object,
     usd: object,
@@ -97,40 +88,58 @@ def cost_request(
     output_tokens: object = None,
     agent: object = None,
 ) -> CostRequest:
-    """Validate a cost given as Python values, exactly as :func:`decode` would.
+    """Validate a cost given as Python values, with the same rules as :func:`decode`.
 
     ``usd`` is a Decimal, an int or a decimal string (never a float). Raises
-    :class:`WireError` naming the field.
+    :class:`WireError` naming the field. Written out by hand rather than with
+    ``msgspec.convert``: this runs once per in-process cost, and the checks are
+    few.
     """
     try:
-        value = check_usd(parse_usd(usd), maximum=max_cost)
+        value = parse_usd(usd, maximum=max_cost)
     except InvalidAmount as exc:
         raise WireError("invalid_cost", str(exc)) from None
-    try:
-        fields = msgspec.convert(
-            {
-                "dispatch_id": dispatch_id,
-                "model": model,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "agent": agent,
-            },
-            _CostFields,
-        )
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _AT_PATH.search(text)
-        raise WireError(
-            "invalid_message", _describe(text, match.group(1) if match else None)
-        ) from None
+    checked_id = _text(dispatch_id, "dispatch_id", MAX_ID_CHARS, required=True)
+    assert checked_id is not None  # required=True
     return CostRequest(
-        fields.dispatch_id,
+        checked_id,
         value,
-        fields.model,
-        fields.input_tokens,
-        fields.output_tokens,
-        fields.agent,
+        _text(model, "model", MAX_NAME_CHARS),
+        _count(input_tokens, "input_tokens"),
+        _count(output_tokens, "output_tokens"),
+        _text(agent, "agent", MAX_NAME_CHARS),
     )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _text(value: object, field: str, max_chars: int, *, required: bool = False) -> str | None:
+    if value is None and not required:
+        return None
+    if type(value) is not str:
+        raise WireError(
+            "invalid_message", f"`{field}`: Expected `str`, got `{type(value).__name__}`"
+        )
+    if required and not value:
+        raise WireError("invalid_message", f"`{field}`: Expected `str` of length >= 1")
+    if len(value) > max_chars:
+        raise WireError("invalid_message", f"`{field}`: Expected `str` of length <= {max_chars}")
+    if _CONTROL.search(value):
+        raise WireError("invalid_message", f"`{field}`: control characters are not allowed")
+    return value
+
+
+def _count(value: object, field: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise WireError(
+            "invalid_message", f"`{field}`: Expected `int`, got `{type(value).__name__}`"
+        )
+    if not 0 <= value <= 2**53:
+        raise WireError("invalid_message", f"`{field}`: Expected `int` >= 0 and <= 2**53")
+    return value
 
 
 class AdmitRequest(msgspec.Struct, frozen=True):
