@@ -97,6 +97,11 @@ class Store(ABC):
         self._run(self._create if create else lambda cur: None)
 
     def close(self) -> None:
+        """Close the store for good (the service is stopping)."""
+        self._drop()
+
+    def _drop(self) -> None:
+        """Drop the connection; the next call reconnects."""
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -161,7 +166,7 @@ class Store(ABC):
                 try:
                     cur.execute("ROLLBACK")
                 except Exception:
-                    self.close()
+                    self._drop()
                 raise
             finally:
                 try:
@@ -172,7 +177,7 @@ class Store(ABC):
             raise
         except Exception as exc:
             # Whatever went wrong, a fresh connection is the safe next step.
-            self.close()
+            self._drop()
             # One line: drivers' messages span several, and logs and the
             # command line's errors must not.
             raise StoreError(f"{self.kind}: {' '.join(str(exc).split())}") from exc

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 from ._records import iso_utc
-from ._store import Store, dumps
+from ._store import Store, StoreError, dumps
 
 _SCHEMA = (
     (
@@ -42,6 +43,44 @@ class SqliteStore(Store):
         super().__init__()
         self.path = path
         self.location = path
+        self._lock: IO[bytes] | None = None
+
+    def open(self, *, create: bool = True) -> None:
+        """Open for writing (``create=True``): also take the file's instance lock.
+
+        SQLite serves one instance: two services appending to one journal
+        with their own sequence numbers would corrupt each other's days. An
+        exclusive ``flock`` on ``PATH.lock``, held until :meth:`close`, refuses
+        the second with a clear :class:`StoreError`; the kernel drops it if
+        the process dies, so a crash never leaves a stale lock. Read-only
+        opens (audits, reports) do not lock.
+        """
+        if create and self._lock is None:
+            lock_path = self.path + ".lock"
+            try:
+                handle = open(lock_path, "ab")
+            except OSError as exc:
+                raise StoreError(f"sqlite: cannot create {lock_path}: {exc.strerror}") from exc
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise StoreError(
+                    f"sqlite: {self.path} is in use by another budget-actor ({lock_path} is"
+                    " locked); SQLite serves one instance, use PostgreSQL to share a budget"
+                ) from None
+            self._lock = handle
+        try:
+            super().open(create=create)
+        except StoreError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        super().close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def _connect(self) -> Any:
         # check_same_thread=False: trio may run successive calls on different

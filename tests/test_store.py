@@ -200,3 +200,17 @@ def test_unreachable_postgres_raises_store_error() -> None:
 def test_unknown_url_is_refused() -> None:
     with pytest.raises(StoreError, match="unsupported"):
         open_store("mysql://x")
+
+
+def test_a_second_instance_on_one_sqlite_file_is_refused(sqlite_url: str) -> None:
+    first = open_store(sqlite_url)
+    first.open()
+    second = open_store(sqlite_url)
+    with pytest.raises(StoreError, match="in use by another budget-actor"):
+        second.open()
+    reader = open_store(sqlite_url)
+    reader.open(create=False)  # audits and reports may read alongside
+    reader.close()
+    first.close()
+    second.open()  # the lock went with the first
+    second.close()
