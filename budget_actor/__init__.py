@@ -17,9 +17,10 @@ from ._config import BudgetConfig, ConfigError, make_config
 from ._service import Budget, InvalidCost, Receipt, ServiceStopped, open_budget
 from ._store import Store, StoreError, open_store
 from ._supervisor import Escalation, RestartPolicy
-from ._views import AlertNotice, Health, Spend, Update
+from ._views import Admission, AlertNotice, Health, Spend, Update
 
 __all__ = [
+    "Admission",
     "AlertNotice",
     "Budget",
     "BudgetConfig",

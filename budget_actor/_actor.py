@@ -34,6 +34,7 @@ from ._config import BudgetConfig
 from ._fanout import Published, Subscription
 from ._ledger import AlertDue, Effect, Ledger, PatchDue, day_of
 from ._messages import (
+    Admit,
     AlertDelivered,
     CountCycle,
     Message,
@@ -48,7 +49,7 @@ from ._messages import (
 from ._persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
 from ._spill import SpillFile
 from ._store import Store
-from ._supervisor import RestartPolicy, supervise
+from ._supervisor import Escalation, RestartPolicy, Restarts, supervise
 from ._views import AlertNotice
 
 log = logging.getLogger("budget_actor.actor")
@@ -91,6 +92,8 @@ class BudgetActor:
         self._published: Published | None = None
         self._ledger: Ledger | None = None
         self._started_at = 0.0
+        #: True once restored and handling messages.
+        self.ready = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Restore, start the children, then handle messages until shutdown.
@@ -110,6 +113,7 @@ class BudgetActor:
         ledger, effects = Ledger.restore(self.config, self._clock(), restored)
         self._ledger = ledger
         self._started_at = trio.current_time()
+        self.ready = True
         persister = Persister(
             self.store, self._persist, self._limiter, self._clock, self._outbox.send
         )
@@ -124,7 +128,6 @@ class BudgetActor:
                 await self._loop(ledger)
                 nursery.cancel_scope.cancel()
         finally:
-            self._inbox.close()
             for subscription in self._subscribers:
                 subscription.close()
             with trio.CancelScope(shield=True):
@@ -182,6 +185,10 @@ class BudgetActor:
                 self._persist.put(BarrierJob(receipt))
             if recorded.effects:
                 self._apply(recorded.effects)
+        elif isinstance(message, Admit):
+            admission, effects = ledger.admit(self._clock(), message.dispatch_id, message.estimate)
+            message.reply.set(admission)
+            self._apply(effects)
         elif isinstance(message, CountCycle):
             self._apply(ledger.cycle(self._clock()))
         elif isinstance(message, Tick):
@@ -272,6 +279,46 @@ class BudgetActor:
         while True:
             await trio.sleep(TICK_S)
             await self._outbox.send(Tick())
+
+
+async def run_supervised(
+    make_actor: Callable[[], BudgetActor],
+    inbox: trio.MemoryReceiveChannel[Message],
+    policy: RestartPolicy,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the budget actor, and if it fails, a new one restored from the store.
+
+    The mailbox outlives every incarnation, so senders notice nothing but a
+    pause. A failed actor's ``finally`` has already written everything it
+    had counted (the final flush), so its successor restores all of it.
+    Subscriptions of the failed actor end; their owners subscribe again.
+
+    Raises what the first restore raises (the service cannot start), an
+    ``ExceptionGroup`` with :class:`Escalation` if a child escalated, and
+    :class:`Escalation` if the actor itself keeps failing. Closes the mailbox
+    when it ends, so late senders get ``ServiceStopped``.
+    """
+    restarts = Restarts("budget actor", policy)
+    status = task_status
+    try:
+        while True:
+            actor = make_actor()
+            try:
+                await actor.run(task_status=status)
+                return
+            except Exception as exc:
+                if not actor.ready and status is task_status:
+                    raise  # never started: let the caller see why
+                if isinstance(exc, BaseExceptionGroup) and exc.subgroup(Escalation):
+                    raise
+                backoff = restarts.failed(exc)
+            if actor.ready:
+                status = trio.TASK_STATUS_IGNORED
+            await trio.sleep(backoff)
+    finally:
+        inbox.close()
 
 
 def _drain_spill(spill: SpillFile, store: Store, now: datetime) -> None:

@@ -11,6 +11,9 @@ from ._money import DEFAULT_MAX_COST, InvalidAmount, parse_usd
 
 DEFAULT_ALERT_TO = "AG Lu"
 DEFAULT_PERSIST_EVERY = 10
+# The contract's default: a dispatch that has not reported its cost within
+# ten minutes is presumed dead, and its reservation frees the budget.
+DEFAULT_RESERVATION_TTL_S = 600.0
 
 
 class ConfigError(ValueError):
@@ -28,6 +31,8 @@ class BudgetConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_cost: Decimal = DEFAULT_MAX_COST
     # Nudge AG Lu once a day when the projected end-of-day spend crosses the cap.
     forecast_alert: bool = False
+    # How long an `admit` reservation holds if no cost settles it.
+    reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S
 
     @property
     def zone(self) -> ZoneInfo:
@@ -43,6 +48,7 @@ def make_config(
     timezone: str = "UTC",
     max_cost: object = "1000",
     forecast_alert: bool = False,
+    reservation_ttl_s: object = DEFAULT_RESERVATION_TTL_S,
 ) -> BudgetConfig:
     """Validate raw option values (strings from the command line, or Python
     values) and return a :class:`BudgetConfig`.
@@ -84,6 +90,14 @@ def make_config(
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"`timezone` is not a known time zone: {timezone!r}") from None
+    try:
+        ttl = float(str(reservation_ttl_s))
+    except ValueError:
+        raise ConfigError(
+            f"`reservation-ttl` must be a number of seconds, got {reservation_ttl_s!r}"
+        ) from None
+    if not ttl > 0:
+        raise ConfigError("`reservation-ttl` must be greater than 0")
     if not alert_to.strip():
         raise ConfigError("`alert-to` must not be empty")
     return BudgetConfig(
@@ -94,6 +108,7 @@ def make_config(
         timezone=timezone,
         max_cost=maximum,
         forecast_alert=forecast_alert,
+        reservation_ttl_s=ttl,
     )
 
 

@@ -26,7 +26,7 @@ from ._burn import BurnRate, project
 from ._config import BudgetConfig
 from ._money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
 from ._records import Alert, JournalEntry, Restored, Snapshot
-from ._views import Health, Spend
+from ._views import Admission, Health, Spend
 
 PatchReason = Literal["cycle", "rollover", "shutdown", "restore"]
 
@@ -97,6 +97,11 @@ class _Day:
     seen: dict[str, int] = field(default_factory=dict)
     # The spend at which the next threshold alert is due (None: all sent).
     next_alert_at: Decimal | None = None
+    # Admitted estimates not yet settled: dispatch_id -> (amount, expires at).
+    # Insertion order is expiry order (one TTL for all), so expiring pops
+    # from the front.
+    reservations: dict[str, tuple[Decimal, datetime]] = field(default_factory=dict)
+    reserved: Decimal = Decimal(0)
 
 
 def _new_day(now: datetime, config: BudgetConfig) -> _Day:
@@ -206,6 +211,8 @@ class Ledger:
         today.spend = add(today.spend, usd)
         today.dispatches += 1
         today.seen[dispatch_id] = self._seq
+        if today.reservations:
+            self._release(dispatch_id)
         today.burn.observe(now, today.spend)
         entry = JournalEntry(
             seq=self._seq,
@@ -221,6 +228,54 @@ class Ledger:
         if today.next_alert_at is not None and today.spend >= today.next_alert_at:
             effects.extend(self._crossings(now))
         return Recorded(self._seq, False, entry, tuple(effects))
+
+    def admit(
+        self, now: datetime, dispatch_id: str, estimate: Decimal
+    ) -> tuple[Admission, list[Effect]]:
+        """Reserve ``estimate`` against the cap if it fits; see :class:`Admission`.
+
+        A reservation holds until the cost with the same ``dispatch_id``
+        settles it (at its real cost) or ``reservation_ttl_s`` passes. Admitting
+        the same id again replaces its reservation. An id already counted
+        today is refused.
+        """
+        effects = self._roll(now) if now >= self._today.ends_at else []
+        today = self._today
+        self._expire(now)
+        self._release(dispatch_id)
+        available = max(sub(sub(self.config.daily_cap, today.spend), today.reserved), Decimal(0))
+        if dispatch_id in today.seen:
+            reason = "this dispatch_id was already counted today"
+            return Admission(
+                dispatch_id=dispatch_id, allowed=False, remaining=available, reason=reason
+            ), effects
+        if estimate > available:
+            reason = (
+                f"estimate {estimate} exceeds the remaining {available} (spend {today.spend}"
+                f" + reserved {today.reserved} of cap {self.config.daily_cap})"
+            )
+            return Admission(
+                dispatch_id=dispatch_id, allowed=False, remaining=available, reason=reason
+            ), effects
+        expires = now + timedelta(seconds=self.config.reservation_ttl_s)
+        today.reservations[dispatch_id] = (estimate, expires)
+        today.reserved = add(today.reserved, estimate)
+        return Admission(
+            dispatch_id=dispatch_id, allowed=True, remaining=sub(available, estimate)
+        ), effects
+
+    def _release(self, dispatch_id: str) -> None:
+        held = self._today.reservations.pop(dispatch_id, None)
+        if held is not None:
+            self._today.reserved = sub(self._today.reserved, held[0])
+
+    def _expire(self, now: datetime) -> None:
+        reservations = self._today.reservations
+        while reservations:
+            dispatch_id, (_amount, expires) = next(iter(reservations.items()))
+            if expires > now:
+                return
+            self._release(dispatch_id)
 
     def cycle(self, now: datetime) -> list[Effect]:
         """Count one heartbeat cycle; every ``persist_every``-th asks for a patch."""
@@ -285,6 +340,7 @@ class Ledger:
 
     def health(self, now: datetime, *, store: str, subscribers: int, uptime_s: float) -> Health:
         """All health figures; the caller supplies the ones that are not accounting."""
+        self._expire(now)
         today = self._today
         burn_60m = today.burn.rate(now, 3600)
         cap = self.config.daily_cap
@@ -312,6 +368,7 @@ class Ledger:
             burn_rate_5m=today.burn.rate(now, 300),
             burn_rate_60m=burn_60m,
             projected_spend=project(today.spend, burn_60m, now, today.ends_at),
+            reserved=today.reserved,
         )
 
     # -- internals -----------------------------------------------------------

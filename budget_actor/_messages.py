@@ -16,7 +16,7 @@ import trio
 
 from ._fanout import Subscription
 from ._records import Alert
-from ._views import Health
+from ._views import Admission, Health
 
 T = TypeVar("T")
 
@@ -69,6 +69,14 @@ class RecordCost(msgspec.Struct):
     receipt: CostReceipt | None = None
 
 
+class Admit(msgspec.Struct):
+    """Reserve a validated estimate against the cap; the answer goes to ``reply``."""
+
+    dispatch_id: str
+    estimate: Decimal
+    reply: Reply[Admission]
+
+
 class CountCycle(msgspec.Struct):
     pass
 
@@ -110,6 +118,7 @@ class Shutdown(msgspec.Struct):
 
 Message = (
     RecordCost
+    | Admit
     | CountCycle
     | QueryHealth
     | Subscribe

@@ -27,10 +27,11 @@ from typing import Literal, overload
 import msgspec
 import trio
 
-from ._actor import BudgetActor
+from ._actor import BudgetActor, run_supervised
 from ._config import BudgetConfig
 from ._fanout import Published, Subscription
 from ._messages import (
+    Admit,
     CostReceipt,
     CountCycle,
     Message,
@@ -45,7 +46,7 @@ from ._spill import SpillFile
 from ._store import Store, open_store
 from ._store_sqlite import SqliteStore
 from ._supervisor import RestartPolicy
-from ._views import Health, Update
+from ._views import Admission, Health, Update
 from ._wire import CostRequest, WireError, cost_request
 
 # Bounded, so that a flood of costs slows its senders (backpressure) instead of
@@ -200,6 +201,19 @@ class Budget:
         )
         return receipt
 
+    async def admit(self, dispatch_id: str, estimate_usd: Decimal | str | int) -> Admission:
+        """Ask before a dispatch whether ``estimate_usd`` still fits under the
+        cap, and if so reserve it until the cost with the same ``dispatch_id``
+        settles it, or the reservation expires (``reservation_ttl_s``).
+
+        Raises :class:`InvalidCost` for a bad estimate or id (nothing changes).
+        Reservations live in this service's memory: a restart forgets them.
+        """
+        checked = _validated(self.config, dispatch_id, estimate_usd, None, None, None, None)
+        reply: Reply[Admission] = Reply()
+        await self._send(Admit(checked.dispatch_id, checked.usd, reply))
+        return await reply.get()
+
     async def cycle(self) -> None:
         """Count one heartbeat cycle (every ``persist_every``-th writes the patch)."""
         await self._send(CountCycle())
@@ -320,18 +334,22 @@ async def open_budget(
     await trio.to_thread.run_sync(store.open, limiter=limiter)
     try:
         outbox, inbox = trio.open_memory_channel[Message](MAILBOX_SIZE)
-        actor = BudgetActor(
-            config,
-            store,
-            inbox,
-            outbox,
-            clock=clock,
-            limiter=limiter,
-            policy=policy or RestartPolicy(),
-            spill=spill_file,
-        )
+        restart_policy = policy or RestartPolicy()
+
+        def make_actor() -> BudgetActor:
+            return BudgetActor(
+                config,
+                store,
+                inbox,
+                outbox,
+                clock=clock,
+                limiter=limiter,
+                policy=restart_policy,
+                spill=spill_file,
+            )
+
         async with trio.open_nursery() as nursery:
-            await nursery.start(actor.run)
+            await nursery.start(run_supervised, make_actor, inbox, restart_policy)
             budget = Budget(config, store.kind, outbox)
             try:
                 yield budget

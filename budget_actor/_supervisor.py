@@ -35,32 +35,51 @@ class Escalation(Exception):
     """A child failed too often; the service must stop."""
 
 
+class Restarts:
+    """The failure record of one supervised task: how long to wait before the
+    next start, and when to give up."""
+
+    def __init__(self, name: str, policy: RestartPolicy) -> None:
+        self.name = name
+        self.policy = policy
+        self._failures: deque[float] = deque()
+
+    def failed(self, exc: BaseException) -> float:
+        """Record a failure; return the backoff before restarting.
+
+        Raises :class:`Escalation` (chained to ``exc``) when the task failed
+        more than ``max_failures`` times within ``window_s``.
+        """
+        policy, failures = self.policy, self._failures
+        now = trio.current_time()
+        failures.append(now)
+        while failures and failures[0] < now - policy.window_s:
+            failures.popleft()
+        if len(failures) > policy.max_failures:
+            raise Escalation(
+                f"{self.name} failed {len(failures)} times in {policy.window_s:g}s;"
+                f" last error: {type(exc).__name__}: {exc}"
+            ) from exc
+        # Backoff grows with the recent failures only, so a task that failed
+        # once last week restarts at once.
+        backoff = min(policy.backoff_initial_s * 2.0 ** (len(failures) - 1), policy.backoff_max_s)
+        log.warning(
+            "%s failed (%s: %s); restarting in %.1fs",
+            self.name,
+            type(exc).__name__,
+            exc,
+            backoff,
+            exc_info=exc,
+        )
+        return backoff
+
+
 async def supervise(name: str, child: Callable[[], Awaitable[None]], policy: RestartPolicy) -> None:
     """Run ``child`` until it returns, restarting it when it raises."""
-    failures: deque[float] = deque()
+    restarts = Restarts(name, policy)
     while True:
         try:
             await child()
             return
         except Exception as exc:
-            now = trio.current_time()
-            failures.append(now)
-            while failures and failures[0] < now - policy.window_s:
-                failures.popleft()
-            if len(failures) > policy.max_failures:
-                raise Escalation(
-                    f"{name} failed {len(failures)} times in {policy.window_s:g}s;"
-                    f" last error: {type(exc).__name__}: {exc}"
-                ) from exc
-            # Backoff grows with the recent failures only, so a child that
-            # failed once last week restarts at once.
-            backoff = min(policy.backoff_initial_s * 2 ** (len(failures) - 1), policy.backoff_max_s)
-            log.warning(
-                "%s failed (%s: %s); restarting in %.1fs",
-                name,
-                type(exc).__name__,
-                exc,
-                backoff,
-                exc_info=exc,
-            )
-            await trio.sleep(backoff)
+            await trio.sleep(restarts.failed(exc))

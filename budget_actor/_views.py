@@ -40,6 +40,19 @@ class AlertNotice(msgspec.Struct, frozen=True, kw_only=True, tag="alert", tag_fi
     projected_spend: Decimal | None = None
 
 
+class Admission(msgspec.Struct, frozen=True, kw_only=True, tag="admission", tag_field="type"):
+    """The answer to ``admit``: whether the estimate fits, and what remains.
+
+    ``remaining`` is the cap minus the spend minus every live reservation,
+    this one included when it was allowed; ``reason`` says why it was not.
+    """
+
+    dispatch_id: str
+    allowed: bool
+    remaining: Decimal
+    reason: str | None = None
+
+
 class Health(
     msgspec.Struct, frozen=True, kw_only=True, tag="health", tag_field="type", omit_defaults=True
 ):
@@ -73,6 +86,8 @@ class Health(
     burn_rate_5m: Decimal
     burn_rate_60m: Decimal
     projected_spend: Decimal
+    # Estimates admitted (``admit``) and not yet settled by their cost or expired.
+    reserved: Decimal
     # Echo of the request's ``id``; omitted when the request had none.
     id: str | None = None
 

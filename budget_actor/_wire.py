@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from ._money import InvalidAmount, check_usd, parse_text, parse_usd, to_wire
-from ._views import AlertNotice, Health, Spend
+from ._views import Admission, AlertNotice, Health, Spend
 
 # Bounds on free-text fields: long enough for any real id or model name,
 # short enough that a hostile client cannot make the dedupe set or the journal
@@ -180,7 +180,7 @@ _encoder = msgspec.json.Encoder()
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z_]+)[^`]*`")
 _AMOUNT_FIELDS = {"usd", "estimate_usd"}
 # Optional fields that are left out rather than sent as null.
-_OMIT_IF_NONE = frozenset({"id", "kind", "projected_spend"})
+_OMIT_IF_NONE = frozenset({"id", "kind", "projected_spend", "reason"})
 
 
 def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
@@ -252,7 +252,7 @@ def _describe(text: str, field: str | None) -> str:
     return _plain(text)
 
 
-def encode(message: Spend | AlertNotice | Health | Ack | Error) -> bytes:
+def encode(message: Spend | AlertNotice | Health | Admission | Ack | Error) -> bytes:
     """JSON text of a service message.
 
     Amounts are JSON strings in plain notation (``"0.0000001"``, never

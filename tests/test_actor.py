@@ -278,3 +278,55 @@ async def test_a_persister_that_keeps_failing_escalates(sqlite_url: str) -> None
         async with open_budget(CONFIG, database=store, policy=policy) as budget:
             await budget.send_cost("x", "1")
             await trio.sleep(30)  # cancelled by the escalation long before
+
+
+class BrokenOnce:
+    """A wall clock that fails once when armed: a bug inside the actor."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self) -> datetime:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("simulated actor bug")
+        return datetime.now(UTC)
+
+
+async def test_a_failed_actor_is_restarted_from_the_store(sqlite_url: str) -> None:
+    clock = BrokenOnce()
+    async with open_budget(
+        CONFIG, database=sqlite_url, clock=clock, policy=FAST_RESTARTS
+    ) as budget:
+        for i in range(5):
+            await budget.record(f"r{i}", "0.25")
+        await budget.cycle()
+        clock.armed = True
+        await budget.send_cost("boom", "5")  # its handling fails: never acknowledged
+        with trio.fail_after(10):
+            health = await budget.health()  # answered by the restarted actor
+        assert (health.daily_spend, health.dispatches, health.seq) == (Decimal("1.25"), 5, 5)
+        assert health.cycle_count == 1  # the failed actor's final flush wrote its patch
+        receipt = await budget.record("after", "1")
+        assert (receipt.seq, receipt.duplicate) == (6, False)
+        assert (await budget.record("r0", "0.25")).duplicate
+
+
+async def test_an_actor_that_keeps_failing_escalates(sqlite_url: str) -> None:
+    class AlwaysBroken(BrokenOnce):
+        def __call__(self) -> datetime:
+            if self.armed:
+                raise RuntimeError("simulated actor bug")
+            return datetime.now(UTC)
+
+    clock = AlwaysBroken()
+    policy = RestartPolicy(max_failures=2, backoff_initial_s=0.001)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(Escalation, match="budget actor failed"), flatten_subgroups=True
+    ):
+        async with open_budget(CONFIG, database=sqlite_url, clock=clock, policy=policy) as budget:
+            clock.armed = True
+            with trio.fail_after(10):
+                while True:
+                    await budget.send_cost("x", "1")
+                    await trio.sleep(0.01)
