@@ -206,7 +206,10 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
     except msgspec.DecodeError as exc:
         raise WireError("invalid_message", f"frame is not valid JSON: {exc}") from None
     except RecursionError:
-        raise WireError("invalid_message", "JSON is nested too deeply") from None
+        field = _deep_field(frame)
+        where = f"`{field}`: " if field else ""
+        code: ErrorCode = "invalid_cost" if field in _AMOUNT_FIELDS else "invalid_message"
+        raise WireError(code, f"{where}JSON is nested too deeply") from None
     if isinstance(request, _CostFrame):
         return CostRequest(
             request.dispatch_id,
@@ -238,6 +241,42 @@ def amount(raw: msgspec.Raw | bytes, field: str, max_cost: Decimal) -> Decimal:
         return check_usd(value, field=field, maximum=max_cost)
     except InvalidAmount as exc:
         raise WireError("invalid_cost", str(exc)) from None
+
+
+# Nesting deeper than this is what made msgspec give up; any real message of
+# the contract nests at most 1 level.
+_DEEP = 64
+
+
+def _deep_field(frame: str) -> str | None:
+    """The top-level key whose value nests too deeply, to name it in the error.
+
+    A small scanner over the text (strings skipped), since the decoder gave up
+    before it could say where.
+    """
+    depth = 0
+    key: str | None = None
+    i, n = 0, len(frame)
+    while i < n:
+        c = frame[i]
+        if c == '"':
+            j = i + 1
+            while j < n and frame[j] != '"':
+                j += 2 if frame[j] == "\\" else 1
+            if depth == 1:
+                rest = frame[j + 1 : j + 32].lstrip()
+                if rest.startswith(":"):
+                    key = frame[i + 1 : j]
+            i = j + 1
+            continue
+        if c in "[{":
+            depth += 1
+            if depth > _DEEP:
+                return key
+        elif c in "]}":
+            depth -= 1
+        i += 1
+    return None
 
 
 def _plain(text: str) -> str:
