@@ -145,7 +145,7 @@ async def _ag_lu(ws_url: str, alerts: list[dict[str, Any]]) -> None:
 
 def _show_patch(url: str, day: str) -> None:
     store = open_store(url)
-    store.open()
+    store.open(create=False)  # read beside the running service
     try:
         name = f"budget_{day}"
         body = store.get_patch("budget", name)
