@@ -1,6 +1,8 @@
-"""Developer sessions: ``nox -s tests lint typecheck bench demo`` (and ``fuzz`` later)."""
+"""Developer sessions: ``nox -s tests lint typecheck bench demo fuzz``."""
 
 from __future__ import annotations
+
+import os
 
 import nox
 
@@ -39,3 +41,18 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("budget-actor", "demo")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The property tests of the connection handler, run long: BUDGET_FUZZ_EXAMPLES
+    examples per property (default here 2000; the normal suite runs 40)."""
+    session.install("-e", ".[test]")
+    examples = os.environ.get("BUDGET_FUZZ_EXAMPLES", "2000")
+    session.run(
+        "pytest",
+        "tests/test_fuzz_server.py",
+        "--hypothesis-show-statistics",
+        *session.posargs,
+        env={"BUDGET_FUZZ_EXAMPLES": examples},
+    )
