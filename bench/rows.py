@@ -72,3 +72,14 @@ def format_number(value: float) -> str:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0 ≤ q ≤ 1) of already sorted values, interpolated
+    linearly between the two nearest ranks (numpy's default method)."""
+    if not ordered:
+        raise ValueError("quantile of no values")
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))

@@ -164,16 +164,9 @@ class Budget:
             None,
         )
         self._unyielded += 1
-        if self._unyielded < SEND_COST_CHECKPOINT_EVERY:
-            try:
-                self._outbox.send_nowait(message)
-                return
-            except trio.WouldBlock:
-                pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise ServiceStopped("the budget service has stopped") from None
-        self._unyielded = 0
-        await self._send(message)
+        if self._unyielded >= SEND_COST_CHECKPOINT_EVERY:
+            self._unyielded = 0
+        await self._send(message, checkpoint=self._unyielded == 0)
 
     @overload
     async def submit(self, request: CostRequest) -> CostReceipt: ...
@@ -188,17 +181,22 @@ class Budget:
         servers that pipeline; others use :meth:`record`.
         """
         receipt = CostReceipt() if durable_receipt else None
-        await self._send(
-            RecordCost(
-                request.dispatch_id,
-                request.usd,
-                request.model,
-                request.agent,
-                request.input_tokens,
-                request.output_tokens,
-                receipt,
-            )
+        message = RecordCost(
+            request.dispatch_id,
+            request.usd,
+            request.model,
+            request.agent,
+            request.input_tokens,
+            request.output_tokens,
+            receipt,
         )
+        if receipt is None:
+            await self._send(message)
+        else:
+            # No checkpoint while the mailbox has room: the caller is about to
+            # wait for the receipt, which is one; a second would only cost a
+            # scheduler round-trip per cost.
+            await self._send(message, checkpoint=False)
         return receipt
 
     async def admit(self, dispatch_id: str, estimate_usd: Decimal | str | int) -> Admission:
@@ -259,8 +257,14 @@ class Budget:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._outbox.send(Shutdown())
 
-    async def _send(self, message: Message) -> None:
+    async def _send(self, message: Message, *, checkpoint: bool = True) -> None:
         try:
+            if not checkpoint:
+                try:
+                    self._outbox.send_nowait(message)
+                    return
+                except trio.WouldBlock:
+                    pass  # full: wait for room (backpressure)
             await self._outbox.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ServiceStopped("the budget service has stopped") from None

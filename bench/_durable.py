@@ -1,0 +1,317 @@
+"""``durable``: acknowledged-when-durable costs/s through ``Budget.record`` from
+256 tasks, on SQLite and PostgreSQL; ``naive``: the same load with one INSERT
+and commit per cost, as the baseline that group commit is measured against."""
+
+from __future__ import annotations
+
+import gc
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import trio
+
+import budget_actor
+from budget_actor._records import iso_utc
+from budget_actor._store import Store, open_store
+
+from ._support import Load, closed_loop, pg_schema, pg_skipped
+from .rows import Row, median, quantile
+
+SENDERS = 256
+# Far below any threshold: 8.00 (80% of the default cap) needs 8,000,000 costs.
+USD = Decimal("0.000001")
+
+# record() runs at ~10,000-12,000 costs/s here, so a 4 s round is ~45,000 calls
+# and the scenario (2 stores x (warm-up + 3 rounds)) ~30 s.
+DURABLE_ROUNDS = 3
+DURABLE_ROUND_S = 4.0
+DURABLE_WARMUP_S = 1.0
+DURABLE_TARGET = 20_000.0
+DURABLE_P99_MS = 50.0
+
+# One commit per cost: ~1,000-2,000/s, so 1.5 s rounds hold 1,500-3,000 calls.
+NAIVE_ROUNDS = 3
+NAIVE_ROUND_S = 1.5
+NAIVE_WARMUP_S = 0.3
+# When `naive` runs without `durable` before it in the same run, it measures
+# record() itself, in one short round per store, for the ratio.
+NAIVE_OWN_DURABLE_S = 3.0
+
+STORES = ("sqlite", "postgresql")
+
+
+@dataclass
+class StoreRounds:
+    loads: list[Load]
+    commits: list[int]
+
+    @property
+    def rates(self) -> list[float]:
+        return [load.rate for load in self.loads]
+
+    def latencies_ms(self) -> list[float]:
+        return sorted(x * 1000 for load in self.loads for x in load.latencies)
+
+
+# Medians of the last `durable` run in this process, for `naive`'s ratio.
+_durable_rates: dict[str, float] = {}
+
+
+def _counting(store: Store) -> list[int]:
+    """Count the store's write transactions (one per group commit)."""
+    count = [0]
+    write = store.write
+
+    def counted(*args: Any) -> set[str]:
+        count[0] += 1
+        return write(*args)
+
+    setattr(store, "write", counted)  # noqa: B010 - an instance attribute, on purpose
+    return count
+
+
+async def _record_rounds(
+    url: str, spill: Path, rounds: int, round_s: float, warmup_s: float
+) -> StoreRounds:
+    store = open_store(url)
+    commits = _counting(store)
+    result = StoreRounds([], [])
+    async with budget_actor.open_budget(database=store, spill=spill) as budget:
+
+        async def record(dispatch_id: str) -> None:
+            receipt = await budget.record(dispatch_id, USD)
+            if receipt.duplicate or receipt.seq <= 0:
+                raise RuntimeError(f"unexpected receipt {receipt}")
+
+        if warmup_s > 0:
+            await closed_loop(record, SENDERS, warmup_s, "warm")
+        for round_no in range(rounds):
+            gc.collect()
+            before = commits[0]
+            load = await closed_loop(record, SENDERS, round_s, f"r{round_no}")
+            result.loads.append(load)
+            result.commits.append(commits[0] - before)
+        health = await budget.health()
+    expected = sum(load.calls for load in result.loads)
+    if health.dispatches < expected:
+        raise RuntimeError(f"{health.dispatches} dispatches counted, {expected} acknowledged")
+    return result
+
+
+def _measure_record(
+    store_kind: str, tmp: Path, rounds: int, round_s: float, warmup_s: float
+) -> StoreRounds:
+    spill = tmp / f"{store_kind}.spill"
+    if store_kind == "sqlite":
+        url = f"sqlite:///{tmp / 'durable.db'}"
+        return trio.run(_record_rounds, url, spill, rounds, round_s, warmup_s)
+    with pg_schema() as url:
+        return trio.run(_record_rounds, url, spill, rounds, round_s, warmup_s)
+
+
+def _latency_rows(
+    scenario: str, store_kind: str, data: StoreRounds, p99_target: float | None
+) -> list[Row]:
+    ordered = data.latencies_ms()
+    per_round = [sorted(x * 1000 for x in load.latencies) for load in data.loads]
+    calls = f"{len(ordered):,} calls in {len(data.loads)} rounds"
+    return [
+        Row(
+            scenario=scenario,
+            figure=f"{store_kind}: ack latency p50",
+            value=quantile(ordered, 0.5),
+            unit="ms",
+            samples=tuple(quantile(r, 0.5) for r in per_round),
+            note=f"time around each call, over all {calls} pooled; samples per round.",
+        ),
+        Row(
+            scenario=scenario,
+            figure=f"{store_kind}: ack latency p99",
+            value=quantile(ordered, 0.99),
+            unit="ms",
+            at_most=p99_target,
+            samples=tuple(quantile(r, 0.99) for r in per_round),
+            note=f"as p50; max {ordered[-1]:.1f} ms.",
+        ),
+    ]
+
+
+def durable() -> list[Row]:
+    """Costs/s acknowledged once durable (``await record()``), 256 tasks, SQLite and PostgreSQL."""
+    rows: list[Row] = []
+    _durable_rates.clear()
+    with tempfile.TemporaryDirectory(prefix="budget-bench-") as tmp:
+        for store_kind in STORES:
+            try:
+                data = _measure_record(
+                    store_kind, Path(tmp), DURABLE_ROUNDS, DURABLE_ROUND_S, DURABLE_WARMUP_S
+                )
+            except psycopg.OperationalError as exc:
+                rows.append(pg_skipped("durable", exc))
+                continue
+            rate = median(data.rates)
+            _durable_rates[store_kind] = rate
+            batches = [
+                load.calls / max(1, n) for load, n in zip(data.loads, data.commits, strict=True)
+            ]
+            where = (
+                "temporary file, WAL, synchronous=FULL"
+                if store_kind == "sqlite"
+                else "fresh schema, default synchronous_commit=on"
+            )
+            rows.append(
+                Row(
+                    scenario="durable",
+                    figure=f"{store_kind}: record() from {SENDERS} tasks",
+                    value=rate,
+                    unit="costs/s",
+                    at_least=DURABLE_TARGET,
+                    samples=tuple(data.rates),
+                    note=(
+                        f"median of {DURABLE_ROUNDS} rounds of {DURABLE_ROUND_S:.0f} s (after a "
+                        f"{DURABLE_WARMUP_S:.0f} s warm-up) in one open_budget() on {store_kind} "
+                        f"({where}); {SENDERS} tasks each await budget.record(id, usd) back to "
+                        "back, so a cost counts once its receipt is durable; the clock stops "
+                        "when the last call in flight returns. Per round: "
+                        f"{', '.join(f'{load.calls:,}' for load in data.loads)} costs in "
+                        f"{', '.join(str(n) for n in data.commits)} store transactions "
+                        f"(mean group commit {', '.join(f'{b:.0f}' for b in batches)} costs)."
+                    ),
+                    extra={"calls": [load.calls for load in data.loads], "commits": data.commits},
+                )
+            )
+            rows.extend(_latency_rows("durable", store_kind, data, DURABLE_P99_MS))
+    return rows
+
+
+# -- naive ---------------------------------------------------------------------------
+
+_INSERT = (
+    "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at, model, agent,"
+    " input_tokens, output_tokens) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+async def _naive_rounds(
+    connection: Any, store_kind: str, rounds: int, round_s: float, warmup_s: float
+) -> StoreRounds:
+    """256 tasks, each cost one INSERT + COMMIT in a worker thread, one at a time."""
+    statement = _INSERT.format(p="?" if store_kind == "sqlite" else "%s")
+    stamp: Callable[[datetime], Any] = iso_utc if store_kind == "sqlite" else (lambda at: at)
+    limiter = trio.CapacityLimiter(1)
+    seq = 0
+
+    def insert_and_commit(params: tuple[Any, ...]) -> None:
+        connection.execute(statement, params)
+        connection.commit()
+
+    async def insert(dispatch_id: str) -> None:
+        nonlocal seq
+        seq += 1
+        now = datetime.now(UTC)
+        day = now.date().isoformat()
+        params = (seq, day, dispatch_id, str(USD), stamp(now), None, None, None, None)
+        await trio.to_thread.run_sync(insert_and_commit, params, limiter=limiter)
+
+    result = StoreRounds([], [])
+    if warmup_s > 0:
+        await closed_loop(insert, SENDERS, warmup_s, "warm")
+    for round_no in range(rounds):
+        gc.collect()
+        load = await closed_loop(insert, SENDERS, round_s, f"r{round_no}")
+        result.loads.append(load)
+        result.commits.append(load.calls)
+    return result
+
+
+def _measure_naive(store_kind: str, tmp: Path) -> StoreRounds:
+    args = (store_kind, NAIVE_ROUNDS, NAIVE_ROUND_S, NAIVE_WARMUP_S)
+    if store_kind == "sqlite":
+        path = tmp / "naive.db"
+        store = open_store(f"sqlite:///{path}")
+        store.open()  # the same table and indexes as the service's
+        store.close()
+        conn = sqlite3.connect(path, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            return trio.run(_naive_rounds, conn, *args)
+        finally:
+            conn.close()
+    with pg_schema() as url:
+        store = open_store(url)
+        store.open()
+        store.close()
+        with psycopg.connect(url) as pg:
+            return trio.run(_naive_rounds, pg, *args)
+
+
+def naive() -> list[Row]:
+    """The durable workload with one INSERT+COMMIT per cost: baseline and durable/naive ratio."""
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="budget-bench-") as tmp:
+        for store_kind in STORES:
+            try:
+                data = _measure_naive(store_kind, Path(tmp))
+                durable_rate = _durable_rates.get(store_kind)
+                source = "the median of this run's `durable` rounds"
+                if durable_rate is None:
+                    print(
+                        f"  naive: no `durable` figure for {store_kind} in this run;"
+                        f" measuring record() for {NAIVE_OWN_DURABLE_S:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    own = _measure_record(store_kind, Path(tmp), 1, NAIVE_OWN_DURABLE_S, 0.5)
+                    durable_rate = own.rates[0]
+                    source = (
+                        f"one {NAIVE_OWN_DURABLE_S:.0f} s round of record() measured by `naive` "
+                        "itself (`durable` did not run first)"
+                    )
+            except psycopg.OperationalError as exc:
+                rows.append(pg_skipped("naive", exc))
+                continue
+            rate = median(data.rates)
+            settings = (
+                "sqlite3, WAL, synchronous=FULL"
+                if store_kind == "sqlite"
+                else "psycopg, default synchronous_commit=on"
+            )
+            rows.append(
+                Row(
+                    scenario="naive",
+                    figure=f"{store_kind}: one INSERT+COMMIT per cost, {SENDERS} tasks",
+                    value=rate,
+                    unit="costs/s",
+                    samples=tuple(data.rates),
+                    note=(
+                        f"median of {NAIVE_ROUNDS} rounds of {NAIVE_ROUND_S} s after a "
+                        f"{NAIVE_WARMUP_S} s warm-up; per round "
+                        f"{', '.join(f'{load.calls:,}' for load in data.loads)} costs. "
+                        f"{SENDERS} trio tasks each await trio.to_thread.run_sync("
+                        "insert_and_commit) on one connection under CapacityLimiter(1) "
+                        f"({settings}), into the service's own budget_journal table "
+                        "(same indexes, same INSERT ... ON CONFLICT DO NOTHING)."
+                    ),
+                )
+            )
+            rows.extend(_latency_rows("naive", store_kind, data, None))
+            rows.append(
+                Row(
+                    scenario="naive",
+                    figure=f"{store_kind}: ratio durable/naive",
+                    value=durable_rate / rate,
+                    unit="",
+                    note=f"record() costs/s ({durable_rate:,.0f}, {source}) / naive costs/s.",
+                )
+            )
+    return rows
