@@ -1,4 +1,5 @@
-"""The ``budget-actor`` command line: ``serve``, ``demo`` and ``status``.
+"""The ``budget-actor`` command line: ``serve``, ``demo``, ``verify``, ``status``,
+``watch`` and ``report``.
 
 Exit codes: 0 success; 1 the service failed while running (a child escalated)
 or ``status`` found it degraded; 2 a bad option, an unreachable database or an
@@ -69,10 +70,24 @@ def _parser() -> _Parser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         default=_env("BUDGET_LOG_LEVEL", "INFO"),
     )
+    serve.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=["text", "json"],
+        default=_env("BUDGET_LOG_FORMAT", "text"),
+        help="json: one JSON object per line on standard error",
+    )
     _add_access_options(serve)
     serve.set_defaults(run=_cmd_serve)
 
     demo = commands.add_parser("demo", help="a self-contained run on a temporary database")
+    demo.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep the service up this long at the end, for a browser or `watch`",
+    )
     demo.set_defaults(run=_cmd_demo)
 
     verify = commands.add_parser("verify", help="audit a day: journal against budget patch")
@@ -87,6 +102,29 @@ def _parser() -> _Parser:
     status.add_argument("--token", default=_env("BUDGET_TOKEN", ""), help="observer token")
     status.add_argument("--cafile", default=None, help="CA bundle to trust for wss://")
     status.set_defaults(run=_cmd_status)
+
+    watch = commands.add_parser("watch", help="a live view of a running service's spend")
+    watch.add_argument("--url", default=_env("BUDGET_URL", DEFAULT_URL))
+    watch.add_argument("--token", default=_env("BUDGET_TOKEN", ""), help="observer token")
+    watch.add_argument("--cafile", default=None, help="CA bundle to trust for wss://")
+    watch.add_argument("--once", action="store_true", help="print one frame and exit")
+    watch.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between health questions"
+    )
+    watch.set_defaults(run=_cmd_watch)
+
+    report = commands.add_parser("report", help="spend per day against the cap, from the store")
+    report.add_argument("--database", default=_env("BUDGET_DATABASE_URL", "sqlite:///budget.db"))
+    report.add_argument("--days", type=int, default=7, help="days ending today (default 7)")
+    report.add_argument("--by", choices=["model", "agent"], help="break the spend down")
+    report.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    report.add_argument(
+        "--daily-cap",
+        default=_env("BUDGET_DAILY_CAP", "10.00"),
+        help="the cap of days without a budget patch",
+    )
+    report.add_argument("--timezone", default=_env("BUDGET_TIMEZONE", "UTC"))
+    report.set_defaults(run=_cmd_report)
     return parser
 
 
@@ -102,6 +140,11 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=_env("BUDGET_FORECAST_ALERT", "") not in ("", "0", "false", "no"),
         help="also nudge AG Lu when the projected end-of-day spend crosses the cap",
+    )
+    parser.add_argument(
+        "--reservation-ttl",
+        default=_env("BUDGET_RESERVATION_TTL", "600"),
+        help="seconds an `admit` reservation holds if no cost settles it",
     )
 
 
@@ -176,6 +219,7 @@ def _config(args: argparse.Namespace) -> BudgetConfig:
         timezone=args.timezone,
         max_cost=args.max_cost,
         forecast_alert=args.forecast_alert,
+        reservation_ttl_s=args.reservation_ttl,
     )
 
 
@@ -194,11 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from ._logs import LOG_FORMATS, configure
+
+    if args.log_format not in LOG_FORMATS:  # from BUDGET_LOG_FORMAT: not checked by argparse
+        return _fail(f"`log-format` must be text or json, got {args.log_format!r}")
+    configure(args.log_level, args.log_format)
     try:
         config = _config(args)
         options = _server_options(args)
@@ -269,8 +313,10 @@ async def _serve(
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    if not 0 <= args.linger <= 86400:
+        return _fail(f"`linger` must be in 0..86400 seconds, got {args.linger}")
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    return trio.run(run_demo)
+    return trio.run(run_demo, args.linger)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -290,16 +336,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         date.fromisoformat(day)
     except ValueError:
         return _fail(f"`day` must be YYYY-MM-DD, got {day!r}")
+    import time
+
+    # A large journal takes a while: say what is happening, on a terminal only.
+    progress = sys.stderr.isatty()
+    started = time.monotonic()
     try:
         store = open_store(args.database)
         store.open(create=False)
         try:
             body = store.get_patch("budget", f"budget_{day}")
+            if progress:
+                print(f"reading the journal of {day}…", end="", file=sys.stderr, flush=True)
             entries = store.journal(day)
         finally:
             store.close()
     except StoreError as exc:
+        if progress:
+            print(file=sys.stderr)
         return _fail(f"database unreachable: {exc}")
+    if progress:
+        elapsed = time.monotonic() - started
+        print(f"\r\x1b[Kread {len(entries)} costs in {elapsed:.1f}s", file=sys.stderr, flush=True)
     patch = Snapshot.from_body(body) if body is not None else None
     result = audit(day, patch, entries)
     print(f"day                 {day}")
@@ -339,6 +397,77 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 shown = value if isinstance(value, str) else json.dumps(value)
                 print(f"{key:<{width}}  {shown}")
     return EXIT_OK if health.get("status") == "ok" else EXIT_FAILED
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from trio_websocket import HandshakeError
+
+    from . import _watch
+
+    if not args.url.startswith(("ws://", "wss://")):
+        return _fail(f"`url` must start with ws:// or wss://, got {args.url!r}")
+    if not 0 < args.interval <= 3600:
+        return _fail(f"`interval` must be in (0, 3600] seconds, got {args.interval}")
+    try:
+        if args.once:
+            state = trio.run(_watch.once, args.url, args.token, args.cafile)
+            width = os.get_terminal_size().columns if sys.stdout.isatty() else 80
+            print("\n".join(_watch.render(state, width, live=False)), flush=True)
+            return EXIT_OK
+        return trio.run(
+            partial(
+                _watch.run,
+                args.url,
+                args.token,
+                args.cafile,
+                out=sys.stdout,
+                tty=sys.stdout.isatty(),
+                interval=args.interval,
+            )
+        )
+    except _watch.Refused as exc:
+        return _fail(str(exc))
+    except (OSError, HandshakeError, trio.TooSlowError, ValueError) as exc:
+        if isinstance(exc, BrokenPipeError):  # e.g. `watch | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        return _fail(f"cannot reach {args.url}: {_watch.describe(exc)}")
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
+        return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from . import _report
+    from ._money import InvalidAmount, parse_usd
+    from ._store import open_store
+
+    try:
+        zone = ZoneInfo(args.timezone)
+    except Exception:
+        return _fail(f"`timezone` is not a known time zone: {args.timezone!r}")
+    if not 1 <= args.days <= _report.MAX_DAYS:
+        return _fail(f"`days` must be in 1..{_report.MAX_DAYS}, got {args.days}")
+    try:
+        cap = parse_usd(args.daily_cap, field="daily-cap")
+    except InvalidAmount as exc:
+        return _fail(str(exc))
+    if cap <= 0:
+        return _fail("`daily-cap` must be greater than 0")
+    today = datetime.now(UTC).astimezone(zone).date()
+    try:
+        store = open_store(args.database)
+        store.open(create=False)
+        try:
+            report = _report.read_days(store, _report.last_days(today, args.days), cap, args.by)
+        finally:
+            store.close()
+    except StoreError as exc:
+        return _fail(f"database unreachable: {exc}")
+    sys.stdout.write(_report.render(report, args.format))
+    return EXIT_OK
 
 
 async def _fetch_health(url: str, token: str, cafile: str | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import tempfile
 from decimal import Decimal
 from pathlib import Path
@@ -40,7 +41,7 @@ def _say(who: str, text: str) -> None:
     print(f"[{who:<10}] {text}", flush=True)
 
 
-async def run_demo() -> int:
+async def run_demo(linger: float = 0) -> int:
     rng = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="budget-demo-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'budget.db'}"
@@ -52,6 +53,7 @@ async def run_demo() -> int:
             port = await nursery.start(serve, budget, "127.0.0.1", 0)
             ws_url = f"ws://127.0.0.1:{port}/ws"
             _say("demo", f"service ready at {ws_url}")
+            _say("demo", f"open http://127.0.0.1:{port}/ in a browser to watch it live")
             alerts: list[dict[str, Any]] = []
             nursery.start_soon(_ag_lu, ws_url, alerts)
             await trio.sleep(0.2)
@@ -87,7 +89,10 @@ async def run_demo() -> int:
 
         _say("demo", "starting the service again on the same database")
         async with open_budget(config, database=url) as budget, trio.open_nursery() as nursery:
-            port = await nursery.start(serve, budget, "127.0.0.1", 0)
+            try:  # the same port, so that an open page reconnects by itself
+                port = await nursery.start(serve, budget, "127.0.0.1", port)
+            except OSError:
+                port = await nursery.start(serve, budget, "127.0.0.1", 0)
             ws_url = f"ws://127.0.0.1:{port}/ws"
             again: list[dict[str, Any]] = []
             nursery.start_soon(_ag_lu, ws_url, again)
@@ -103,6 +108,16 @@ async def run_demo() -> int:
                 f" alerts sent today {list(health.alerts_sent)},"
                 f" new alerts after restart: {len(again)}",
             )
+            if linger > 0:
+                _say(
+                    "demo",
+                    f"the service stays up for {linger:g}s at http://127.0.0.1:{port}/"
+                    " (Ctrl-C ends it sooner)",
+                )
+                with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+                    with trio.move_on_after(linger):
+                        async for _ in interrupts:
+                            break
             nursery.cancel_scope.cancel()
     _say("demo", "done")
     return 0

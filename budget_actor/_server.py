@@ -20,6 +20,7 @@ server. Access (tokens, roles) and limits are in :class:`ServerOptions`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from . import _metrics
+from . import _metrics, _page
 from ._access import Access, Role, TokenBucket, may
 from ._fanout import Published, Subscription
 from ._messages import CostReceipt
@@ -57,6 +58,15 @@ MAX_HEAD_BYTES = 16 * 1024
 # Costs a pipelining dispatcher may have in flight before its reader stops
 # taking frames (TCP backpressure then slows it down).
 ACK_WINDOW = 1024
+# Frames trio-websocket may hold for the reader. Its default of 1 costs a task
+# switch per frame for a pipelining dispatcher; 8 lets it parse a whole TCP
+# read at once, while bounding what an unread connection holds (8 x 64 KiB).
+MESSAGE_QUEUE = 8
+# A subscriber gets at most one `spend` push per interval (alerts are not
+# held back). Pushes are latest-value, so nothing is lost but intermediate
+# states; without it, 1,000 subscribers at 2,000 costs/s would mean two
+# million sends a second.
+PUSH_INTERVAL_S = 0.1
 # A peer that does not finish the WebSocket closing handshake in this time is
 # simply disconnected.
 CLOSE_TIMEOUT_S = 2.0
@@ -153,17 +163,15 @@ class _Server:
         peer = _peer(stream)
         try:
             await self._connection(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
-            pass  # the peer went away; nothing to report
-        except ServiceStopped:
-            pass
-        except Exception:
-            # The peer's address, never the request target: it may hold a token.
-            log.exception("connection from %s failed; closing it", peer)
+        except Exception as exc:
+            if not _only_disconnects(exc):
+                # The peer's address, never the request target: it may hold a token.
+                log.exception("connection from %s failed; closing it", peer)
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
-                await trio.aclose_forcefully(stream)
+                await _linger(stream)
+            await trio.aclose_forcefully(stream)
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
         head = None
@@ -186,6 +194,9 @@ class _Server:
             body = _metrics.render(await self.budget.health()).encode()
             kind = [(b"content-type", b"text/plain; version=0.0.4")]
             await _respond(stream, 200, body, kind, head_only=head_only)
+        elif target == "/":
+            # The live page; it needs no token (its WebSocket does).
+            await _respond(stream, 200, _page.PAGE, _page.HEADERS, head_only=head_only)
         else:
             body = b"not found: try /ws, /health or /metrics\n"
             await _respond(stream, 404, body, head_only=head_only)
@@ -219,7 +230,10 @@ class _Server:
     async def _websocket(self, stream: _ReplayStream, role: Role) -> None:
         async with trio.open_nursery() as nursery:
             request = await wrap_server_stream(
-                nursery, stream, max_message_size=self.options.max_frame_bytes
+                nursery,
+                stream,
+                message_queue_size=MESSAGE_QUEUE,
+                max_message_size=self.options.max_frame_bytes,
             )
             ws = await request.accept()
             try:
@@ -229,6 +243,40 @@ class _Server:
                     closing.shield = True
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
+
+
+# A peer going away, or the service stopping, ends a connection; neither is
+# a failure worth a traceback in the log.
+_DISCONNECTS = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ConnectionClosed,
+    ServiceStopped,
+)
+
+
+def _only_disconnects(exc: BaseException) -> bool:
+    """True if ``exc`` (or every exception inside a group) is a disconnect."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_disconnects(inner) for inner in exc.exceptions)
+    return isinstance(exc, _DISCONNECTS)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read and drop what the peer still sends until it closes.
+
+    Closing a socket with unread data in its buffer makes the kernel send a
+    reset, which can destroy our last frames (a close code, an error) before
+    the peer reads them. Bounded by the caller's deadline.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return
+    try:
+        await stream.send_eof()
+        while await stream.receive_some(65536):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -371,7 +419,10 @@ class _Session:
                 await self._error("forbidden", f"an {self.role} may not send `{kind}`")
             elif isinstance(request, CostRequest):
                 receipt = await budget.submit(request)
-                await acks.send((request.dispatch_id, receipt))
+                try:
+                    acks.send_nowait((request.dispatch_id, receipt))
+                except trio.WouldBlock:
+                    await acks.send((request.dispatch_id, receipt))  # window full: wait
             elif isinstance(request, CycleRequest):
                 await budget.cycle()
             elif isinstance(request, HealthRequest):
@@ -384,18 +435,27 @@ class _Session:
                     self.subscription = await budget.open_subscription()
                     nursery.start_soon(self._pusher, self.subscription)
             elif isinstance(request, AdmitRequest):
-                await self._error("invalid_message", "`admit` is not supported by this version")
+                admission = await budget.admit(request.dispatch_id, request.estimate_usd)
+                await ws.send_message(encode(admission).decode())
 
     async def _error(self, code: ErrorCode, detail: str) -> None:
         await self.ws.send_message(WireError(code, detail).frame().decode())
 
     async def _ack_writer(self, acks: trio.MemoryReceiveChannel[tuple[str, CostReceipt]]) -> None:
-        async for dispatch_id, receipt in acks:
-            await receipt.durable.wait()
-            ack = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
-            await self.ws.send_message(encode(ack).decode())
+        # A closing connection ends the writers quietly: raising here would
+        # cancel the reader in the middle of its closing handshake, and the
+        # peer would see an abnormal closure (1006) instead of our close code.
+        with contextlib.suppress(ConnectionClosed):
+            async for dispatch_id, receipt in acks:
+                await receipt.durable.wait()
+                ack = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
+                await self.ws.send_message(encode(ack).decode())
 
     async def _pusher(self, subscription: Subscription) -> None:
+        with contextlib.suppress(ConnectionClosed):  # see _ack_writer
+            await self._push(subscription)
+
+    async def _push(self, subscription: Subscription) -> None:
         while True:
             try:
                 item = await subscription.next()
@@ -405,6 +465,7 @@ class _Session:
                 return
             if isinstance(item, Published):
                 await self.ws.send_message(item.frame())
+                await trio.sleep(PUSH_INTERVAL_S)
             else:
                 await self.ws.send_message(encode(item).decode())
 

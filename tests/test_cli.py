@@ -15,7 +15,16 @@ async def test_a_second_serve_on_the_same_sqlite_file_exits_2(
     first = await ServeProcess("--database", sqlite_url, log=tmp_path / "first.log").start()
     try:
         second = subprocess.run(
-            [sys.executable, "-m", "budget_actor", "serve", "--port", "0", "--database", sqlite_url],
+            [
+                sys.executable,
+                "-m",
+                "budget_actor",
+                "serve",
+                "--port",
+                "0",
+                "--database",
+                sqlite_url,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
