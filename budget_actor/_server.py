@@ -447,7 +447,8 @@ class _Session:
         # peer would see an abnormal closure (1006) instead of our close code.
         with contextlib.suppress(ConnectionClosed):
             async for dispatch_id, receipt in acks:
-                await receipt.durable.wait()
+                if not receipt.durable.is_set():  # a set event would still cost a checkpoint
+                    await receipt.durable.wait()
                 ack = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
                 await self.ws.send_message(encode(ack).decode())
 
