@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from ._store import Store, dumps
+from ._store import Store, StoreError, dumps
 
 # A dead server must surface as an error quickly, so that health turns
 # "degraded" and costs spill, instead of hanging the persister's worker thread.
@@ -46,7 +46,7 @@ class PostgresStore(Store):
     def _connect(self) -> Any:
         # autocommit: the base class issues BEGIN/COMMIT itself, the same SQL
         # for both drivers.
-        return psycopg.connect(
+        conn = psycopg.connect(
             self.url,
             autocommit=True,
             connect_timeout=CONNECT_TIMEOUT_S,
@@ -56,6 +56,28 @@ class PostgresStore(Store):
             keepalives_interval=10,
             keepalives_count=3,
         )
+        if not self._read_only:
+            self._take_instance_lock(conn)
+        return conn
+
+    def _take_instance_lock(self, conn: Any) -> None:
+        """One service per schema, until instances can share a budget.
+
+        Two services journaling into one schema would each number their costs
+        from the same sequence, and the second's rows would be dropped as
+        conflicts. A session-level advisory lock, keyed by the schema, refuses
+        the second with a clear error; it goes with the connection (and with
+        the process, however it dies), and is taken again on every reconnect.
+        """
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext('budget_actor:' || current_schema()))"
+        ).fetchone()
+        if not row or not row[0]:
+            conn.close()
+            raise StoreError(
+                "postgresql: this schema is in use by another budget-actor (advisory lock held);"
+                " one instance per schema"
+            )
 
     def _schema(self) -> Sequence[tuple[str, str]]:
         return _SCHEMA

@@ -214,3 +214,17 @@ def test_a_second_instance_on_one_sqlite_file_is_refused(sqlite_url: str) -> Non
     first.close()
     second.open()  # the lock went with the first
     second.close()
+
+
+def test_a_second_instance_on_one_postgres_schema_is_refused(pg_url: str) -> None:
+    first = open_store(pg_url)
+    first.open()
+    second = open_store(pg_url)
+    with pytest.raises(StoreError, match="in use by another budget-actor"):
+        second.open()
+    reader = open_store(pg_url)
+    reader.open(create=False)  # audits and reports may read alongside
+    reader.close()
+    first.close()
+    second.open()  # the lock went with the first one's connection
+    second.close()
