@@ -9,12 +9,13 @@ The public API:
 * errors: :class:`InvalidCost`, :class:`ServiceStopped`, :class:`StoreError`,
   :class:`ConfigError`, :class:`Escalation`.
 
-The WebSocket server and the command line live in ``budget_actor.server`` and
-``budget-actor`` (``budget_actor._cli``).
+The network face is ``budget_actor._server.serve`` (used by ``budget-actor
+serve``); the command line is ``budget_actor._cli``.
 """
 
 from ._config import BudgetConfig, ConfigError, make_config
-from ._service import Budget, InvalidCost, Receipt, ServiceStopped, open_budget
+from ._messages import ServiceStopped
+from ._service import Budget, InvalidCost, Receipt, open_budget
 from ._store import Store, StoreError, open_store
 from ._supervisor import Escalation, RestartPolicy
 from ._views import Admission, AlertNotice, Health, Spend, Update

@@ -45,6 +45,7 @@ from ._messages import (
     Subscribe,
     Tick,
     Unsubscribe,
+    fail_waiters,
 )
 from ._persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
 from ._spill import SpillFile
@@ -135,6 +136,7 @@ class BudgetActor:
                     await persister.final_flush(
                         ledger.snapshot(),
                         [NudgeJob(alert, None) for alert in self._alerts.pending()],
+                        deadline=trio.current_time() + SHUTDOWN_GRACE_S,
                     )
                 if grace.cancelled_caught:
                     log.error(
@@ -142,6 +144,10 @@ class BudgetActor:
                         SHUTDOWN_GRACE_S,
                         self._persist.waiting,
                     )
+            # Whatever could not be written was never acknowledged; its
+            # senders must hear so rather than wait forever.
+            for job in self._persist.unfinished():
+                fail_waiters(job)
 
     async def _loop(self, ledger: Ledger) -> None:
         inbox = self._inbox
@@ -163,7 +169,16 @@ class BudgetActor:
             self._publish_if_changed(ledger, before)
 
     def _handle(self, ledger: Ledger, message: Message) -> bool:
-        """Handle one message; True means stop."""
+        """Handle one message; True means stop. If handling fails, whoever
+        waits on the message is told (ServiceStopped) before the error
+        propagates and the actor is restarted."""
+        try:
+            return self._dispatch(ledger, message)
+        except BaseException:
+            fail_waiters(message)
+            raise
+
+    def _dispatch(self, ledger: Ledger, message: Message) -> bool:
         if isinstance(message, RecordCost):
             recorded = ledger.record(
                 self._clock(),
@@ -225,13 +240,13 @@ class BudgetActor:
             if isinstance(effect, PatchDue):
                 self._persist.put(PatchJob(effect.snapshot))
             elif isinstance(effect, AlertDue):
-                log.info(
-                    "threshold %s crossed on %s: %s of %s",
-                    effect.alert.threshold,
-                    effect.alert.day,
-                    effect.alert.daily_spend,
-                    effect.alert.daily_cap,
+                alert = effect.alert
+                what = (
+                    f"projected {alert.projected_spend} by midnight"
+                    if alert.kind == "forecast"
+                    else f"threshold {alert.threshold} crossed"
                 )
+                log.info("%s on %s: %s of %s", what, alert.day, alert.daily_spend, alert.daily_cap)
                 self._alerts.put(effect.alert)
 
     def _current(self, ledger: Ledger) -> Published:
@@ -318,6 +333,13 @@ async def run_supervised(
                 status = trio.TASK_STATUS_IGNORED
             await trio.sleep(backoff)
     finally:
+        # Messages still in the mailbox were never handled: fail their
+        # waiters (ServiceStopped), then refuse new ones.
+        while True:
+            try:
+                fail_waiters(inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
         inbox.close()
 
 

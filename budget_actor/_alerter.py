@@ -27,9 +27,6 @@ class AlertQueue:
     def __init__(self) -> None:
         self.send, self.recv = trio.open_memory_channel[Alert](math.inf)
         self.current: Alert | None = None
-        # True when ``current`` was taken by an alerter run that then failed:
-        # its row may exist already, and the push is still owed.
-        self.resumed = False
 
     def put(self, alert: Alert) -> None:
         self.send.send_nowait(alert)
@@ -57,19 +54,19 @@ class Alerter:
 
     async def run(self) -> None:
         queue = self.queue
-        if queue.current is not None:
-            queue.resumed = True
         while True:
             if queue.current is None:
                 try:
                     queue.current = await queue.recv.receive()
                 except trio.EndOfChannel:
                     return
-                queue.resumed = False
             alert = queue.current
             written: Reply[bool] = Reply()
             self.persist.put(NudgeJob(alert, written))
-            inserted = await written.get()
-            if inserted or queue.resumed:
-                await self.deliver(AlertDelivered(alert))
+            # Pushed whether or not this write inserted the row: a retried
+            # write whose first attempt did commit finds the row there, and
+            # the push is still owed. Restore never re-raises an alert whose
+            # row exists, so this cannot push twice.
+            await written.get()
+            await self.deliver(AlertDelivered(alert))
             queue.current = None

@@ -34,6 +34,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,8 +68,8 @@ def _parser() -> _Parser:
     serve.add_argument(
         "--log-level",
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        default=_env("BUDGET_LOG_LEVEL", "INFO"),
+        choices=LOG_LEVELS,
+        default=_env("BUDGET_LOG_LEVEL", "INFO").upper(),
     )
     serve.add_argument(
         "--log-format",
@@ -138,7 +139,8 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--forecast-alert",
         action="store_true",
-        default=_env("BUDGET_FORECAST_ALERT", "") not in ("", "0", "false", "no"),
+        default=_env("BUDGET_FORECAST_ALERT", "").strip().lower()
+        not in ("", "0", "false", "no", "off"),
         help="also nudge AG Lu when the projected end-of-day spend crosses the cap",
     )
     parser.add_argument(
@@ -240,8 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._logs import LOG_FORMATS, configure
 
-    if args.log_format not in LOG_FORMATS:  # from BUDGET_LOG_FORMAT: not checked by argparse
+    # Defaults from the environment are not checked against `choices`.
+    if args.log_format not in LOG_FORMATS:
         return _fail(f"`log-format` must be text or json, got {args.log_format!r}")
+    if args.log_level not in LOG_LEVELS:
+        return _fail(f"`log-level` must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     configure(args.log_level, args.log_format)
     try:
         config = _config(args)

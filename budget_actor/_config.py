@@ -96,8 +96,10 @@ def make_config(
         raise ConfigError(
             f"`reservation-ttl` must be a number of seconds, got {reservation_ttl_s!r}"
         ) from None
-    if not ttl > 0:
-        raise ConfigError("`reservation-ttl` must be greater than 0")
+    # At most a day: a reservation outliving its day would hold a cap that no
+    # longer exists (and inf or nan are not durations).
+    if not 0 < ttl <= 86_400:
+        raise ConfigError("`reservation-ttl` must be between 0 and 86400 seconds")
     if not alert_to.strip():
         raise ConfigError("`alert-to` must not be empty")
     return BudgetConfig(

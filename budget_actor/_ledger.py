@@ -242,8 +242,14 @@ class Ledger:
         effects = self._roll(now) if now >= self._today.ends_at else []
         today = self._today
         self._expire(now)
+        previous = today.reservations.get(dispatch_id)
         self._release(dispatch_id)
         available = max(sub(sub(self.config.daily_cap, today.spend), today.reserved), Decimal(0))
+        if previous is not None and (dispatch_id in today.seen or estimate > available):
+            # A refused re-admit leaves the earlier reservation as it was.
+            today.reservations[dispatch_id] = previous
+            today.reserved = add(today.reserved, previous[0])
+            available = sub(available, previous[0])
         if dispatch_id in today.seen:
             reason = "this dispatch_id was already counted today"
             return Admission(

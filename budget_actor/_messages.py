@@ -21,21 +21,36 @@ from ._views import Admission, Health
 T = TypeVar("T")
 
 
-class Reply(Generic[T]):
-    """A one-shot answer: the actor calls :meth:`set`, the requester awaits :meth:`get`."""
+class ServiceStopped(RuntimeError):
+    """The budget service has stopped; the call had no effect (or, for a cost,
+    was not acknowledged: resend it with the same ``dispatch_id``)."""
 
-    __slots__ = ("_done", "_value")
+
+class Reply(Generic[T]):
+    """A one-shot answer: the actor calls :meth:`set` (or :meth:`fail`), the
+    requester awaits :meth:`get`."""
+
+    __slots__ = ("_done", "_failed", "_value")
 
     def __init__(self) -> None:
         self._done = trio.Event()
         self._value: T | None = None
+        self._failed = False
 
     def set(self, value: T) -> None:
         self._value = value
         self._done.set()
 
+    def fail(self) -> None:
+        """The service ended before answering: :meth:`get` raises ServiceStopped."""
+        if not self._done.is_set():
+            self._failed = True
+            self._done.set()
+
     async def get(self) -> T:
         await self._done.wait()
+        if self._failed:
+            raise ServiceStopped("the budget service stopped before answering")
         value = self._value
         assert value is not None
         return value
@@ -49,12 +64,20 @@ class CostReceipt:
     store. An ``ack`` is sent only after ``durable``.
     """
 
-    __slots__ = ("duplicate", "durable", "seq")
+    __slots__ = ("duplicate", "durable", "failed", "seq")
 
     def __init__(self) -> None:
         self.seq = 0
         self.duplicate = False
+        self.failed = False
         self.durable = trio.Event()
+
+    def fail(self) -> None:
+        """The service ended before the cost was durable: wake the waiter,
+        which must not acknowledge it."""
+        if not self.durable.is_set():
+            self.failed = True
+            self.durable.set()
 
 
 class RecordCost(msgspec.Struct):
@@ -114,6 +137,15 @@ class AlertDelivered(msgspec.Struct):
 
 class Shutdown(msgspec.Struct):
     """Stop after everything sent before this message has been handled."""
+
+
+def fail_waiters(message: object) -> None:
+    """Wake whoever waits on ``message`` (a mailbox message or a persister
+    job) with a failure: the service ends without answering it."""
+    for name in ("receipt", "reply"):
+        waiter = getattr(message, name, None)
+        if isinstance(waiter, CostReceipt | Reply):
+            waiter.fail()
 
 
 Message = (

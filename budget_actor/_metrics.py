@@ -50,6 +50,10 @@ def render(health: Health) -> str:
         f'store="{health.store}"',
     )
     gauge("pending_costs", health.pending, "Accepted costs not yet durable in the store")
+    gauge("reserved_usd", health.reserved, "Admitted estimates not yet settled or expired", d)
+    gauge("burn_rate_5m_usd_per_hour", health.burn_rate_5m, "Spend per hour, last 5 minutes", d)
+    gauge("burn_rate_60m_usd_per_hour", health.burn_rate_60m, "Spend per hour, last 60 min", d)
+    gauge("projected_spend_usd", health.projected_spend, "Spend at midnight at the 60-min rate", d)
     gauge("subscribers", health.subscribers, "Live subscribers")
     gauge("uptime_seconds", health.uptime_s, "Seconds since the service started")
     return "\n".join(lines) + "\n"

@@ -53,6 +53,9 @@ MAX_BATCH = 5000
 # 50 ms, a long outage costs one connection attempt every 2 s.
 RETRY_INITIAL_S = 0.05
 RETRY_MAX_S = 2.0
+# At shutdown, a store that has not answered this long before the deadline is
+# given up on, leaving time to spill what it did not take.
+SPILL_RESERVE_S = 2.0
 
 
 class JournalJob(msgspec.Struct):
@@ -104,6 +107,16 @@ class PersistQueue:
         inbox, batch = self._inbox, self.batch
         while inbox and len(batch) < MAX_BATCH:
             batch.append(inbox.popleft())
+
+    def take_all(self) -> list[Job]:
+        """Everything in the inbox, in order (for the final flush)."""
+        jobs = list(self._inbox)
+        self._inbox.clear()
+        return jobs
+
+    def unfinished(self) -> list[Job]:
+        """Every job not written, for failing its waiters when the service ends."""
+        return self.held + self.batch + list(self._inbox)
 
     async def wait(self) -> None:
         """Wait until the batch is not empty."""
@@ -176,36 +189,43 @@ class Persister:
             done, queue.batch = queue.batch, []
             await self._report_ok(done)
 
-    async def final_flush(self, final_patch: Snapshot | None, extra: list[Job]) -> None:
-        """Write everything still queued, plus ``extra`` and ``final_patch``.
+    async def final_flush(
+        self, final_patch: Snapshot | None, extra: list[Job], *, deadline: float
+    ) -> None:
+        """Write everything still queued, plus ``extra``, then ``final_patch``.
 
         For shutdown: call it after the persister task has ended, shielded
-        and under a deadline. If the store fails, the journal entries go to the
-        spill file and the flush ends (a restart drains the spill file and
-        recomputes patches and alerts from the journal); without a spill file
-        it retries until the deadline cancels it.
+        and under a deadline. Jobs are written in order, in transactions of
+        at most :data:`MAX_BATCH`, and the final patch goes last, so a patch
+        never counts costs that its transaction did not also make durable.
+        If the store fails, every remaining journal entry goes to the spill
+        file and the flush ends (the next start drains it, then restores);
+        without a spill file it retries until the deadline cancels it. A store
+        that hangs instead of failing is abandoned :data:`SPILL_RESERVE_S`
+        before ``deadline`` (trio time), and the entries are spilled then.
         """
         queue = self.queue
-        queue.batch = queue.held + queue.batch + extra
-        queue.held = []
+        pending = queue.held + queue.batch + queue.take_all() + extra
         if final_patch is not None:
-            queue.batch.append(PatchJob(final_patch))
+            pending.append(PatchJob(final_patch))
+        queue.held, queue.batch = [], []
         delay = RETRY_INITIAL_S
-        while True:
-            queue.fill()
-            if not queue.batch and not queue.held and not queue.behind:
-                return
+        while pending or queue.behind:
+            chunk = pending[:MAX_BATCH]
             try:
-                if queue.behind:
-                    await self._drain(raise_errors=True)
-                await self._commit(queue.batch + queue.held)
+                with trio.move_on_at(deadline - SPILL_RESERVE_S) as attempt:
+                    if queue.behind:
+                        await self._drain(raise_errors=True, abandon=True)
+                    if chunk:
+                        await self._commit(chunk, abandon=True)
+                if attempt.cancelled_caught:
+                    raise StoreError("the store did not answer before the shutdown deadline")
             except StoreError as exc:
                 if queue.spill is not None:
                     # Every acknowledged cost is now in the spill file, and the
-                    # next start drains it before restoring; patches and nudges
-                    # are recomputed from the journal then. Waiting for the
+                    # next start drains it before restoring. Waiting for the
                     # store would only delay the shutdown.
-                    await self._spill(queue.batch)
+                    await self._spill(pending, beside_store=True)
                     log.warning(
                         "store unreachable at shutdown (%s); %d costs wait in %s",
                         exc,
@@ -220,12 +240,18 @@ class Persister:
             except Exception:
                 # Not an outage but a bug: retrying would fail the same way,
                 # and raising here would hide the error that stopped the service.
-                log.exception("final flush failed; %d jobs not written", queue.waiting)
+                log.exception("final flush failed; %d jobs not written", len(pending))
+                queue.batch = pending
                 return
-            queue.batch = []
-            queue.held = []
+            del pending[:MAX_BATCH]
 
-    async def _commit(self, batch: list[Job], spilled: list[JournalEntry] | None = None) -> None:
+    async def _commit(
+        self,
+        batch: list[Job],
+        spilled: list[JournalEntry] | None = None,
+        *,
+        abandon: bool = False,
+    ) -> None:
         entries: list[JournalEntry] = list(spilled or ())
         patches: list[Snapshot] = []
         nudges: list[Alert] = []
@@ -238,7 +264,13 @@ class Persister:
                 nudges.append(job.alert)
         now = self.clock()
         inserted = await trio.to_thread.run_sync(
-            self.store.write, JournalBatch.of(entries), patches, nudges, now, limiter=self.limiter
+            self.store.write,
+            JournalBatch.of(entries),
+            patches,
+            nudges,
+            now,
+            limiter=self.limiter,
+            abandon_on_cancel=abandon,
         )
         for job in batch:
             if isinstance(job, JournalJob):
@@ -249,12 +281,18 @@ class Persister:
             elif isinstance(job, NudgeJob) and job.reply is not None:
                 job.reply.set(job.alert.nudge_name in inserted)
 
-    async def _spill(self, batch: list[Job]) -> None:
-        """Journal entries to the spill file (then acknowledged); the rest is held."""
+    async def _spill(self, batch: list[Job], *, beside_store: bool = False) -> None:
+        """Journal entries to the spill file (then acknowledged); the rest is held.
+
+        ``beside_store``: a store write may still hang in a worker thread
+        (abandoned at shutdown) holding the store's limiter; the spill file
+        is not the store, so do not wait for it.
+        """
         spill = self.queue.spill
         assert spill is not None
         entries = [job.entry for job in batch if isinstance(job, JournalJob)]
-        await trio.to_thread.run_sync(spill.append, entries, limiter=self.limiter)
+        limiter = None if beside_store else self.limiter
+        await trio.to_thread.run_sync(spill.append, entries, limiter=limiter)
         for job in batch:
             if isinstance(job, JournalJob):
                 if job.receipt is not None:
@@ -264,14 +302,14 @@ class Persister:
             else:
                 self.queue.held.append(job)
 
-    async def _drain(self, *, raise_errors: bool = False) -> bool:
+    async def _drain(self, *, raise_errors: bool = False, abandon: bool = False) -> bool:
         """Move the spill file and held jobs into the store; True on success."""
         queue = self.queue
         spill = queue.spill
         assert spill is not None
         spilled = await trio.to_thread.run_sync(spill.read, limiter=self.limiter)
         try:
-            await self._commit(queue.held, spilled)
+            await self._commit(queue.held, spilled, abandon=abandon)
         except StoreError as exc:
             if raise_errors:
                 raise

@@ -35,8 +35,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from . import _metrics, _page
 from ._access import Access, Role, TokenBucket, may
 from ._fanout import Published, Subscription
-from ._messages import CostReceipt
-from ._service import Budget, ServiceStopped
+from ._messages import CostReceipt, ServiceStopped
+from ._service import Budget
 from ._wire import Ack as AckMessage
 from ._wire import (
     AdmitRequest,
@@ -449,6 +449,10 @@ class _Session:
             async for dispatch_id, receipt in acks:
                 if not receipt.durable.is_set():  # a set event would still cost a checkpoint
                     await receipt.durable.wait()
+                if receipt.failed:
+                    # Never acknowledged: the client must resend from here on.
+                    await self.ws.aclose(1011, "service stopped; resend unacknowledged costs")
+                    return
                 ack = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
                 await self.ws.send_message(encode(ack).decode())
 
@@ -463,6 +467,10 @@ class _Session:
             except trio.EndOfChannel:
                 if subscription.overflowed:
                     await self.ws.aclose(1008, "subscriber is not reading its alerts")
+                else:
+                    # The actor ended (stop or restart): close, so the client
+                    # reconnects and subscribes again instead of going silent.
+                    await self.ws.aclose(1012, "service restarting; subscribe again")
                 return
             if isinstance(item, Published):
                 await self.ws.send_message(item.frame())

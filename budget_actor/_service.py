@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal, overload
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import trio
@@ -38,6 +39,7 @@ from ._messages import (
     QueryHealth,
     RecordCost,
     Reply,
+    ServiceStopped,
     Shutdown,
     Subscribe,
     Unsubscribe,
@@ -62,10 +64,6 @@ class InvalidCost(ValueError):
     """A cost was refused; nothing changed. The message names the field."""
 
 
-class ServiceStopped(RuntimeError):
-    """The budget service has stopped; the call had no effect."""
-
-
 class Receipt(msgspec.Struct, frozen=True):
     """The answer to :meth:`Budget.record`: the cost is durable in the store."""
 
@@ -83,8 +81,18 @@ def default_spill_path(store: Store) -> Path:
     """
     if isinstance(store, SqliteStore):
         return Path(store.path + ".spill")
-    digest = hashlib.sha256(store.location.encode()).hexdigest()[:12]
+    # Host, port and database only: rotating a password or changing a
+    # connection option must not orphan a spill file of acknowledged costs.
+    parts = urlsplit(store.location)
+    where = f"{parts.hostname}:{parts.port}{parts.path}?{_search_path(parts.query)}"
+    digest = hashlib.sha256(where.encode()).hexdigest()[:12]
     return Path(f"budget-{digest}.spill")
+
+
+def _search_path(query: str) -> str:
+    # The schema is part of where the costs belong (one service per schema).
+    options = parse_qs(query).get("options", [""])[0]
+    return options if "search_path" in options else ""
 
 
 def _utc_now() -> datetime:
@@ -126,6 +134,11 @@ class Budget:
         )
         receipt = await self.submit(request)
         await receipt.durable.wait()
+        if receipt.failed:
+            raise ServiceStopped(
+                "the budget service stopped before this cost was durable;"
+                " resend it with the same dispatch_id"
+            )
         return Receipt(dispatch_id, receipt.seq, receipt.duplicate)
 
     async def send_cost(

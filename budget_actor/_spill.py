@@ -16,6 +16,7 @@ Every method blocks: call them from the persister's worker thread.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import msgspec
 
 from ._records import JournalEntry
+
+log = logging.getLogger("budget_actor.spill")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(JournalEntry)
@@ -60,9 +63,16 @@ class SpillFile:
             return
         payload = b"".join(_encoder.encode(e) + b"\n" for e in entries)
         with open(self.path, "ab") as f:
-            f.write(payload)
-            f.flush()
-            _fsync(f.fileno())
+            size = f.tell()
+            try:
+                f.write(payload)
+                f.flush()
+                _fsync(f.fileno())
+            except BaseException:
+                # A partial write (a full disk) must not stay in the file: a
+                # retry would append after it and bury a torn line mid-file.
+                f.truncate(size)
+                raise
         self.count += len(entries)
 
     def read(self) -> list[JournalEntry]:
@@ -70,7 +80,17 @@ class SpillFile:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return []
-        return [_decoder.decode(line) for line in data.splitlines() if line.strip()]
+        entries = []
+        for line in data.splitlines():
+            if not line.strip():
+                continue
+            try:
+                entries.append(_decoder.decode(line))
+            except msgspec.DecodeError:
+                # Only an append whose fsync never returned can leave this,
+                # and such an append was never acknowledged.
+                log.error("spill file %s: skipping a damaged line: %r", self.path, line[:80])
+        return entries
 
     def clear(self) -> None:
         """Empty the file, durably; call only once its entries are in the store."""

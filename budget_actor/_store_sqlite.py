@@ -67,7 +67,7 @@ class SqliteStore(Store):
                 handle.close()
                 raise StoreError(
                     f"sqlite: {self.path} is in use by another budget-actor ({lock_path} is"
-                    " locked); SQLite serves one instance, use PostgreSQL to share a budget"
+                    " locked); one service per SQLite file"
                 ) from None
             self._lock = handle
         try:

@@ -12,6 +12,7 @@ import trio
 
 from budget_actor import (
     AlertNotice,
+    Budget,
     Escalation,
     InvalidCost,
     RestartPolicy,
@@ -302,7 +303,8 @@ async def test_a_failed_actor_is_restarted_from_the_store(sqlite_url: str) -> No
             await budget.record(f"r{i}", "0.25")
         await budget.cycle()
         clock.armed = True
-        await budget.send_cost("boom", "5")  # its handling fails: never acknowledged
+        with trio.fail_after(10), pytest.raises(ServiceStopped, match="resend"):
+            await budget.record("boom", "5")  # its handling fails: never acknowledged
         with trio.fail_after(10):
             health = await budget.health()  # answered by the restarted actor
         assert (health.daily_spend, health.dispatches, health.seq) == (Decimal("1.25"), 5, 5)
@@ -310,6 +312,49 @@ async def test_a_failed_actor_is_restarted_from_the_store(sqlite_url: str) -> No
         receipt = await budget.record("after", "1")
         assert (receipt.seq, receipt.duplicate) == (6, False)
         assert (await budget.record("r0", "0.25")).duplicate
+        assert not (await budget.record("boom", "5")).duplicate  # the resend counts
+
+
+async def test_a_final_flush_larger_than_one_batch_keeps_patch_and_journal_in_step(
+    sqlite_url: str,
+) -> None:
+    """The final patch is written after every cost it counts, never before."""
+    from budget_actor._persister import MAX_BATCH
+
+    count = MAX_BATCH * 2 + 123
+    async with open_budget(CONFIG, database=sqlite_url) as budget:
+        day = (await budget.health()).day
+        for i in range(count):
+            await budget.send_cost(f"f{i}", "0.01")
+    patch = _patch(sqlite_url, day)
+    journal = rows(sqlite_url, "SELECT count(*), max(seq) FROM budget_journal")[0]
+    assert patch is not None and (patch["dispatches"], patch["seq"]) == (count, count)
+    assert journal == (count, count)
+
+
+async def test_calls_waiting_when_the_service_stops_are_told(sqlite_url: str) -> None:
+    """Costs that reach the mailbox after the stop are not handled: their
+    callers hear ServiceStopped instead of waiting forever."""
+    outcomes: list[str] = []
+
+    async def caller(budget: Budget, i: int) -> None:
+        await trio.sleep(0.001 * (i % 50))  # some arrive after the stop
+        try:
+            await budget.record(f"c{i}", "0.01")
+            outcomes.append("durable")
+        except ServiceStopped:
+            outcomes.append("stopped")
+
+    with trio.fail_after(30):  # a forgotten waiter would hang here
+        async with trio.open_nursery() as callers:
+            async with open_budget(CONFIG, database=sqlite_url) as budget:
+                for i in range(2000):
+                    callers.start_soon(caller, budget, i)
+                await trio.sleep(0.02)
+    assert len(outcomes) == 2000
+    assert 0 < outcomes.count("stopped") < 2000
+    journaled = rows(sqlite_url, "SELECT count(*) FROM budget_journal")[0][0]
+    assert journaled == outcomes.count("durable")
 
 
 async def test_an_actor_that_keeps_failing_escalates(sqlite_url: str) -> None:

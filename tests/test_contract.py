@@ -13,7 +13,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -862,10 +862,18 @@ async def test_option_overrides_environment(sqlite_url: str, launcher: Launcher)
 
 
 async def test_timezone_sets_the_day(sqlite_url: str, launcher: Launcher) -> None:
-    tz = "Pacific/Kiritimati"  # UTC+14
+    # Of UTC+14 and UTC-11 (25 hours apart), one is always on another date
+    # than UTC: pick that one, so a service that ignored --timezone fails.
+    utc_day = datetime.now(UTC).date().isoformat()
+    tz = next(
+        z
+        for z in ("Pacific/Kiritimati", "Pacific/Pago_Pago")
+        if datetime.now(ZoneInfo(z)).date().isoformat() != utc_day
+    )
     svc = await launcher.start(sqlite_url, "--timezone", tz)
     first = await snapshot(svc.ws_url)
     assert first["day"] in plausible_days(tz), (first, plausible_days(tz))
+    assert first["day"] != utc_day or datetime.now(ZoneInfo(tz)).date().isoformat() == utc_day
     async with connect(svc.ws_url) as d:
         h = await d.health()
     assert h["day"] == first["day"]

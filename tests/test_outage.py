@@ -125,3 +125,37 @@ async def test_spilled_costs_survive_a_crash_and_come_back_on_restart(
     assert spill.read_bytes() == b""
     journal = rows(pg_url, "SELECT dispatch_id FROM budget_journal ORDER BY seq")
     assert journal == [("a",), ("b",), ("c",)]
+
+
+async def test_http_health_is_503_while_degraded(pg_url: str, tmp_path: Path) -> None:
+    from budget_actor._server import serve
+
+    async def get(port: int, path: str) -> tuple[int, bytes]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    proxy = CuttableProxy(*target_of(pg_url))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        url = proxy.url_for(pg_url)
+        async with open_budget(CONFIG, database=url, spill=tmp_path / "h.spill") as budget:
+            port = await nursery.start(serve, budget, "127.0.0.1", 0)
+            assert (await get(port, "/health"))[0] == 200
+            proxy.cut()
+            await budget.record("x", "1")  # spilled
+            await _degraded(budget, pending=1)
+            status, body = await get(port, "/health")
+            assert status == 503 and b'"status":"degraded"' in body
+            status, metrics = await get(port, "/metrics")
+            assert status == 200 and b"\nbudget_up 0\n" in metrics
+            assert b"budget_pending_costs 1\n" in metrics
+            proxy.restore()
+            await _recovered(budget)
+            assert (await get(port, "/health"))[0] == 200
+        nursery.cancel_scope.cancel()
