@@ -55,18 +55,8 @@ def make_config(
 
     Raises :class:`ConfigError` naming the offending option.
     """
-    try:
-        cap = parse_usd(_text(daily_cap), field="daily-cap")
-    except InvalidAmount as exc:
-        raise ConfigError(str(exc)) from None
-    if cap <= 0:
-        raise ConfigError("`daily-cap` must be greater than 0")
-    try:
-        maximum = parse_usd(_text(max_cost), field="max-cost")
-    except InvalidAmount as exc:
-        raise ConfigError(str(exc)) from None
-    if maximum <= 0:
-        raise ConfigError("`max-cost` must be greater than 0")
+    cap = _positive_amount(daily_cap, "daily-cap")
+    maximum = _positive_amount(max_cost, "max-cost")
 
     raw = alert_at if isinstance(alert_at, (list, tuple)) else str(alert_at).split(",")
     thresholds: set[Decimal] = set()
@@ -112,6 +102,16 @@ def make_config(
         forecast_alert=forecast_alert,
         reservation_ttl_s=ttl,
     )
+
+
+def _positive_amount(value: object, option: str) -> Decimal:
+    try:
+        amount = parse_usd(_text(value), field=option)
+    except InvalidAmount as exc:
+        raise ConfigError(str(exc)) from None
+    if amount <= 0:
+        raise ConfigError(f"`{option}` must be greater than 0")
+    return amount
 
 
 def _text(value: object) -> object:

@@ -28,7 +28,8 @@ from ._money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
 from ._records import Alert, JournalEntry, Restored, Snapshot
 from ._views import Admission, Health, Spend
 
-PatchReason = Literal["cycle", "rollover", "shutdown", "restore"]
+# Why a patch is due; kept in the effect for logs and tests.
+PatchReason = Literal["cycle", "rollover"]
 
 
 class PatchDue(msgspec.Struct, frozen=True):
@@ -62,9 +63,7 @@ class Recorded(msgspec.Struct, frozen=True):
 
 def day_of(now: datetime, config: BudgetConfig) -> str:
     """The budget day (``YYYY-MM-DD``) of an aware datetime in the configured zone."""
-    if now.tzinfo is None:
-        raise ValueError("the clock must return timezone-aware datetimes")
-    return now.astimezone(config.zone).date().isoformat()
+    return day_bounds(now, config)[0]
 
 
 def day_bounds(now: datetime, config: BudgetConfig) -> tuple[str, datetime, datetime]:

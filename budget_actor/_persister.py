@@ -273,12 +273,7 @@ class Persister:
             abandon_on_cancel=abandon,
         )
         for job in batch:
-            if isinstance(job, JournalJob):
-                if job.receipt is not None:
-                    job.receipt.durable.set()
-            elif isinstance(job, BarrierJob):
-                job.receipt.durable.set()
-            elif isinstance(job, NudgeJob) and job.reply is not None:
+            if not _acknowledge(job) and isinstance(job, NudgeJob) and job.reply is not None:
                 job.reply.set(job.alert.nudge_name in inserted)
 
     async def _spill(self, batch: list[Job], *, beside_store: bool = False) -> None:
@@ -294,12 +289,7 @@ class Persister:
         limiter = None if beside_store else self.limiter
         await trio.to_thread.run_sync(spill.append, entries, limiter=limiter)
         for job in batch:
-            if isinstance(job, JournalJob):
-                if job.receipt is not None:
-                    job.receipt.durable.set()
-            elif isinstance(job, BarrierJob):
-                job.receipt.durable.set()
-            else:
+            if not _acknowledge(job):
                 self.queue.held.append(job)
 
     async def _drain(self, *, raise_errors: bool = False, abandon: bool = False) -> bool:
@@ -328,9 +318,7 @@ class Persister:
                 seq = max(seq, job.entry.seq)
             elif isinstance(job, PatchJob):
                 patch_written = True
-        report = StoreReport(
-            ok=not self.queue.behind, seq=seq, at=self.clock(), patch_written=patch_written
-        )
+        report = StoreReport(ok=True, seq=seq, at=self.clock(), patch_written=patch_written)
         await self._tell(report)
 
     async def _tell(self, report: StoreReport) -> None:
@@ -338,3 +326,15 @@ class Persister:
         # has nobody left to report to, and that is fine.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.report(report)
+
+
+def _acknowledge(job: Job) -> bool:
+    """Mark a cost (or a duplicate's barrier) durable; False for other jobs."""
+    if isinstance(job, JournalJob):
+        if job.receipt is not None:
+            job.receipt.durable.set()
+        return True
+    if isinstance(job, BarrierJob):
+        job.receipt.durable.set()
+        return True
+    return False

@@ -141,6 +141,17 @@ async def serve(
     server = _Server(budget, options or ServerOptions())
     tcp = await trio.open_tcp_listeners(port, host=host)
     real_port = tcp[0].socket.getsockname()[1]
+    if port == 0 and any(t.socket.getsockname()[1] != real_port for t in tcp):
+        # "localhost" gives an IPv4 and an IPv6 listener, and port 0 a port
+        # each; the ready line names one port, so all must share it.
+        for listener in tcp:
+            await listener.aclose()
+        try:
+            tcp = await trio.open_tcp_listeners(real_port, host=host)
+        except OSError:
+            tcp = await trio.open_tcp_listeners(0, host=host)
+            tcp = tcp[:1]
+            real_port = tcp[0].socket.getsockname()[1]
     listeners: list[trio.abc.Listener[Any]] = list(tcp)
     if server.options.ssl_context is not None:
         listeners = [

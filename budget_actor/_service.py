@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal, overload
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -167,49 +166,24 @@ class Budget:
         request = _validated(
             self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens
         )
-        message = RecordCost(
-            request.dispatch_id,
-            request.usd,
-            request.model,
-            request.agent,
-            request.input_tokens,
-            request.output_tokens,
-            None,
-        )
+        message = _record_cost(request, None)
         self._unyielded += 1
         if self._unyielded >= SEND_COST_CHECKPOINT_EVERY:
             self._unyielded = 0
         await self._send(message, checkpoint=self._unyielded == 0)
 
-    @overload
-    async def submit(self, request: CostRequest) -> CostReceipt: ...
-    @overload
-    async def submit(self, request: CostRequest, *, durable_receipt: Literal[False]) -> None: ...
-    async def submit(
-        self, request: CostRequest, *, durable_receipt: bool = True
-    ) -> CostReceipt | None:
+    async def submit(self, request: CostRequest) -> CostReceipt:
         """Hand an already validated cost (from :func:`budget_actor._wire.decode`)
         to the actor and return its receipt at once, without waiting for
-        durability: ``receipt.durable`` is set once it is in the store. For
-        servers that pipeline; others use :meth:`record`.
+        durability: ``receipt.durable`` is set once it is in the store (or
+        ``receipt.failed`` if the service ended first). For servers that
+        pipeline; others use :meth:`record`.
         """
-        receipt = CostReceipt() if durable_receipt else None
-        message = RecordCost(
-            request.dispatch_id,
-            request.usd,
-            request.model,
-            request.agent,
-            request.input_tokens,
-            request.output_tokens,
-            receipt,
-        )
-        if receipt is None:
-            await self._send(message)
-        else:
-            # No checkpoint while the mailbox has room: the caller is about to
-            # wait for the receipt, which is one; a second would only cost a
-            # scheduler round-trip per cost.
-            await self._send(message, checkpoint=False)
+        receipt = CostReceipt()
+        # No checkpoint while the mailbox has room: the caller is about to
+        # wait for the receipt, which is one; a second would only cost a
+        # scheduler round-trip per cost.
+        await self._send(_record_cost(request, receipt), checkpoint=False)
         return receipt
 
     async def admit(self, dispatch_id: str, estimate_usd: Decimal | str | int) -> Admission:
@@ -290,6 +264,18 @@ async def _updates(subscription: Subscription) -> AsyncIterator[Update]:
         except trio.EndOfChannel:
             return
         yield item.spend if isinstance(item, Published) else item
+
+
+def _record_cost(request: CostRequest, receipt: CostReceipt | None) -> RecordCost:
+    return RecordCost(
+        request.dispatch_id,
+        request.usd,
+        request.model,
+        request.agent,
+        request.input_tokens,
+        request.output_tokens,
+        receipt,
+    )
 
 
 def _validated(

@@ -65,8 +65,8 @@ class Store(ABC):
     def _schema(self) -> Sequence[tuple[str, str]]:
         """(table name, CREATE TABLE IF NOT EXISTS statement) pairs."""
 
-    @abstractmethod
-    def _json_param(self, body: dict[str, Any]) -> Any: ...
+    def _json_param(self, body: dict[str, Any]) -> Any:
+        return dumps(body)
 
     @abstractmethod
     def _time_param(self, moment: datetime) -> Any: ...

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from ._store import Store, StoreError, dumps
+from ._store import Store, StoreError
 
 # A dead server must surface as an error quickly, so that health turns
 # "degraded" and costs spill, instead of hanging the persister's worker thread.
@@ -98,9 +98,6 @@ class PostgresStore(Store):
             " day text, dispatch_id text, usd numeric, at timestamptz, model text, agent text,"
             " input_tokens bigint, output_tokens bigint) ON CONFLICT DO NOTHING"
         )
-
-    def _json_param(self, body: dict[str, Any]) -> Any:
-        return dumps(body)
 
     def _time_param(self, moment: datetime) -> Any:
         return moment

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import IO, Any
 
 from ._records import iso_utc
-from ._store import Store, StoreError, dumps
+from ._store import Store, StoreError
 
 _SCHEMA = (
     (
@@ -113,9 +113,6 @@ class SqliteStore(Store):
             " json_extract(value, '$.input_tokens'), json_extract(value, '$.output_tokens')"
             " FROM json_each(?) WHERE true ON CONFLICT DO NOTHING"
         )
-
-    def _json_param(self, body: dict[str, Any]) -> Any:
-        return dumps(body)
 
     def _time_param(self, moment: datetime) -> Any:
         return iso_utc(moment)
