@@ -23,6 +23,7 @@ journal entry, pending nudge and the final patch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -36,6 +37,7 @@ from ._ledger import AlertDue, Effect, Ledger, PatchDue, day_of
 from ._messages import (
     Admit,
     AlertDelivered,
+    ChildFailed,
     CountCycle,
     Message,
     QueryHealth,
@@ -121,9 +123,12 @@ class BudgetActor:
         alerter = Alerter(self._alerts, self._persist, self._outbox.send)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(supervise, "persister", persister.run, self._policy)
-                nursery.start_soon(supervise, "alerter", alerter.run, self._policy)
-                nursery.start_soon(supervise, "ticker", self._tick, self._policy)
+                for name, child in (
+                    ("persister", persister.run),
+                    ("alerter", alerter.run),
+                    ("ticker", self._tick),
+                ):
+                    nursery.start_soon(supervise, name, child, self._policy, self._restarted)
                 self._apply(effects)
                 task_status.started()
                 await self._loop(ledger)
@@ -220,7 +225,12 @@ class BudgetActor:
             )
         elif isinstance(message, StoreReport):
             if message.ok:
-                ledger.persisted(message.seq, message.at, patch_written=message.patch_written)
+                ledger.persisted(
+                    message.seq,
+                    message.at,
+                    patch_written=message.patch_written,
+                    latency_s=message.latency_s,
+                )
             else:
                 ledger.store_failed()
         elif isinstance(message, Subscribe):
@@ -231,9 +241,18 @@ class BudgetActor:
             message.subscription.close()
         elif isinstance(message, AlertDelivered):
             self._push_alert(message)
+        elif isinstance(message, ChildFailed):
+            ledger.restarts[message.child] = ledger.restarts.get(message.child, 0) + 1
         elif isinstance(message, Shutdown):
             return True
         return False
+
+    def _restarted(self, child: str) -> None:
+        # Counted by the actor, which owns the figures; never blocks.
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            self._outbox.send_nowait(ChildFailed(child))
 
     def _apply(self, effects: list[Effect] | tuple[Effect, ...]) -> None:
         for effect in effects:

@@ -127,6 +127,12 @@ class Ledger:
         self._store_ok = True
         self._catching_up = False
         self._last_persist_at: datetime | None = None
+        # Counters since start (for metrics): duplicates refused, restarts by
+        # child, and the last store commit's duration and time.
+        self.duplicates = 0
+        self.restarts: dict[str, int] = {}
+        self._persist_latency_s = 0.0
+        self._last_write_at: datetime | None = None
 
     # -- restore -------------------------------------------------------------
 
@@ -205,6 +211,7 @@ class Ledger:
         today = self._today
         original = today.seen.get(dispatch_id)
         if original is not None:
+            self.duplicates += 1
             return Recorded(original, True, None, tuple(effects))
         self._seq += 1
         today.spend = add(today.spend, usd)
@@ -290,8 +297,13 @@ class Ledger:
             effects.append(PatchDue(self.snapshot(), "cycle"))
         return effects
 
-    def persisted(self, seq: int, at: datetime, *, patch_written: bool) -> None:
+    def persisted(
+        self, seq: int, at: datetime, *, patch_written: bool, latency_s: float = 0.0
+    ) -> None:
         """The store confirmed everything up to ``seq`` as durable."""
+        self._last_write_at = at
+        if latency_s:
+            self._persist_latency_s = latency_s
         self._durable_seq = max(self._durable_seq, seq)
         self._store_ok = True
         if patch_written:
@@ -374,7 +386,18 @@ class Ledger:
             burn_rate_60m=burn_60m,
             projected_spend=project(today.spend, burn_60m, now, today.ends_at),
             reserved=today.reserved,
+            duplicates=self.duplicates,
+            restarts=dict(self.restarts),
+            persist_latency_s=round(self._persist_latency_s, 6),
+            store_lag_s=self._lag(now),
         )
+
+    def _lag(self, now: datetime) -> float:
+        """Seconds the store is behind: since its last confirmed write, while
+        accepted costs wait for it; 0 when it has everything."""
+        if self._seq <= self._durable_seq or self._last_write_at is None:
+            return 0.0
+        return round(max((now - self._last_write_at).total_seconds(), 0.0), 3)
 
     # -- internals -----------------------------------------------------------
 

@@ -127,6 +127,14 @@ class StoreReport(msgspec.Struct):
     seq: int
     at: datetime
     patch_written: bool = False
+    # How long the store took to commit this write.
+    latency_s: float = 0.0
+
+
+class ChildFailed(msgspec.Struct):
+    """From a supervisor: ``child`` failed and is being restarted."""
+
+    child: str
 
 
 class AlertDelivered(msgspec.Struct):
@@ -158,5 +166,6 @@ Message = (
     | Tick
     | StoreReport
     | AlertDelivered
+    | ChildFailed
     | Shutdown
 )

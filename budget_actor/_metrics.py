@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ._views import Health
 
 _PREFIX = "budget"
 
 
-def render(health: Health) -> str:
-    """``GET /metrics``: every health figure as a gauge, labelled with the day."""
+def render(health: Health, errors: Mapping[str, int] | None = None) -> str:
+    """``GET /metrics``: every health figure as a gauge (labelled with the day
+    where it is the day's), plus counters; ``errors`` counts error replies by
+    code (the server keeps them)."""
     day = health.day
     lines: list[str] = []
 
-    def gauge(name: str, value: object, help_text: str, labels: str = "") -> None:
+    def metric(kind: str, name: str, value: object, help_text: str, labels: str = "") -> None:
         full = f"{_PREFIX}_{name}"
         if not any(line.startswith(f"# HELP {full} ") for line in lines):
             lines.append(f"# HELP {full} {help_text}")
-            lines.append(f"# TYPE {full} gauge")
+            lines.append(f"# TYPE {full} {kind}")
         lines.append(f"{full}{{{labels}}} {value}" if labels else f"{full} {value}")
+
+    def gauge(name: str, value: object, help_text: str, labels: str = "") -> None:
+        metric("gauge", name, value, help_text, labels)
+
+    def counter(name: str, value: object, help_text: str, labels: str = "") -> None:
+        metric("counter", name, value, help_text, labels)
 
     d = f'day="{day}"'
     gauge("up", 1 if health.ok else 0, "1 when status is ok, 0 when degraded")
@@ -55,5 +65,13 @@ def render(health: Health) -> str:
     gauge("burn_rate_60m_usd_per_hour", health.burn_rate_60m, "Spend per hour, last 60 min", d)
     gauge("projected_spend_usd", health.projected_spend, "Spend at midnight at the 60-min rate", d)
     gauge("subscribers", health.subscribers, "Live subscribers")
+    counter("costs_total", health.seq, "Costs accepted (the last sequence number)")
+    counter("duplicates_total", health.duplicates, "Duplicates acknowledged, not counted")
+    for child, count in sorted(health.restarts.items()):
+        counter("restarts_total", count, "Restarts of a supervised task", f'child="{child}"')
+    for code, count in sorted((errors or {}).items()):
+        counter("errors_total", count, "Error replies sent, by code", f'code="{code}"')
+    gauge("persist_latency_seconds", health.persist_latency_s, "Duration of the last store commit")
+    gauge("store_lag_seconds", health.store_lag_s, "How far behind the store is (0: caught up)")
     gauge("uptime_seconds", health.uptime_s, "Seconds since the service started")
     return "\n".join(lines) + "\n"

@@ -171,6 +171,7 @@ class Persister:
                         next_try = trio.current_time() + delay
                 continue
             await queue.wait()
+            started = trio.current_time()
             try:
                 await self._commit(queue.batch)
             except StoreError as exc:
@@ -187,7 +188,7 @@ class Persister:
                 continue
             delay = RETRY_INITIAL_S
             done, queue.batch = queue.batch, []
-            await self._report_ok(done)
+            await self._report_ok(done, latency_s=trio.current_time() - started)
 
     async def final_flush(
         self, final_patch: Snapshot | None, extra: list[Job], *, deadline: float
@@ -311,14 +312,16 @@ class Persister:
         await self._report_ok(done, max((e.seq for e in spilled), default=0))
         return True
 
-    async def _report_ok(self, done: list[Job], seq: int = 0) -> None:
+    async def _report_ok(self, done: list[Job], seq: int = 0, latency_s: float = 0.0) -> None:
         patch_written = False
         for job in done:
             if isinstance(job, JournalJob):
                 seq = max(seq, job.entry.seq)
             elif isinstance(job, PatchJob):
                 patch_written = True
-        report = StoreReport(ok=True, seq=seq, at=self.clock(), patch_written=patch_written)
+        report = StoreReport(
+            ok=True, seq=seq, at=self.clock(), patch_written=patch_written, latency_s=latency_s
+        )
         await self._tell(report)
 
     async def _tell(self, report: StoreReport) -> None:

@@ -20,6 +20,7 @@ server. Access (tokens, roles) and limits are in :class:`ServerOptions`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import ssl
@@ -168,6 +169,8 @@ class _Server:
         self.budget = budget
         self.options = options
         self.connections = 0
+        # Error replies sent, by code, for /metrics.
+        self.errors: collections.Counter[str] = collections.Counter()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Containment: whatever happens in here stays in this connection."""
@@ -202,7 +205,7 @@ class _Server:
             code = 200 if health.ok else 503
             await _respond(stream, code, encode(health), json=True, head_only=head_only)
         elif target == "/metrics":
-            body = _metrics.render(await self.budget.health()).encode()
+            body = _metrics.render(await self.budget.health(), self.errors).encode()
             kind = [(b"content-type", b"text/plain; version=0.0.4")]
             await _respond(stream, 200, body, kind, head_only=head_only)
         elif target == "/":
@@ -248,7 +251,7 @@ class _Server:
             )
             ws = await request.accept()
             try:
-                await _Session(self.budget, ws, role, self.options).run()
+                await _Session(self.budget, ws, role, self.options, self.errors).run()
             finally:
                 with trio.move_on_after(CLOSE_TIMEOUT_S) as closing:
                     closing.shield = True
@@ -379,12 +382,18 @@ class _Session:
     """
 
     def __init__(
-        self, budget: Budget, ws: WebSocketConnection, role: Role, options: ServerOptions
+        self,
+        budget: Budget,
+        ws: WebSocketConnection,
+        role: Role,
+        options: ServerOptions,
+        errors: collections.Counter[str],
     ) -> None:
         self.budget = budget
         self.ws = ws
         self.role = role
         self.options = options
+        self.errors = errors
         self.subscription: Subscription | None = None
 
     async def run(self) -> None:
@@ -423,7 +432,7 @@ class _Session:
             try:
                 request = decode(frame, max_cost=max_cost)
             except WireError as exc:
-                await ws.send_message(exc.frame().decode())
+                await self._error(exc.code, exc.detail)
                 continue
             kind = _KIND[type(request)]
             if not may(self.role, kind):
@@ -450,6 +459,7 @@ class _Session:
                 await ws.send_message(encode(admission).decode())
 
     async def _error(self, code: ErrorCode, detail: str) -> None:
+        self.errors[code] += 1
         await self.ws.send_message(WireError(code, detail).frame().decode())
 
     async def _ack_writer(self, acks: trio.MemoryReceiveChannel[tuple[str, CostReceipt]]) -> None:

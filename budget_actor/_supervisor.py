@@ -74,12 +74,24 @@ class Restarts:
         return backoff
 
 
-async def supervise(name: str, child: Callable[[], Awaitable[None]], policy: RestartPolicy) -> None:
-    """Run ``child`` until it returns, restarting it when it raises."""
+async def supervise(
+    name: str,
+    child: Callable[[], Awaitable[None]],
+    policy: RestartPolicy,
+    on_restart: Callable[[str], None] | None = None,
+) -> None:
+    """Run ``child`` until it returns, restarting it when it raises.
+
+    ``on_restart(name)`` is called (synchronously) before each restart, for
+    the restart counters in health and metrics.
+    """
     restarts = Restarts(name, policy)
     while True:
         try:
             await child()
             return
         except Exception as exc:
-            await trio.sleep(restarts.failed(exc))
+            backoff = restarts.failed(exc)
+            if on_restart is not None:
+                on_restart(name)
+            await trio.sleep(backoff)

@@ -88,6 +88,13 @@ class Health(
     projected_spend: Decimal
     # Estimates admitted (``admit``) and not yet settled by their cost or expired.
     reserved: Decimal
+    # Since the service started: duplicates acknowledged without counting,
+    # and restarts of each supervised task.
+    duplicates: int
+    restarts: dict[str, int]
+    # The last store commit's duration, and how far behind the store is.
+    persist_latency_s: float
+    store_lag_s: float
     # Echo of the request's ``id``; omitted when the request had none.
     id: str | None = None
 

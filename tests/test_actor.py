@@ -267,6 +267,9 @@ async def test_a_crashing_persister_is_restarted_and_loses_nothing(sqlite_url: s
         receipts = [await budget.record(f"r{i}", "0.5") for i in range(3)]
         assert store.failures == 0
         assert [r.seq for r in receipts] == [1, 2, 3]
+        health = await budget.health()
+        assert health.restarts == {"persister": 3}
+        assert health.persist_latency_s > 0 and health.store_lag_s == 0
     assert rows(sqlite_url, "SELECT count(*) FROM budget_journal") == [(3,)]
 
 

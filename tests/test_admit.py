@@ -92,3 +92,34 @@ async def test_admit_over_the_websocket(sqlite_url: str) -> None:
                 Decimal(str(health["daily_spend"])) == 9 and Decimal(str(health["reserved"])) == 0
             )
         nursery.cancel_scope.cancel()
+
+
+async def test_metrics_count_costs_duplicates_and_errors(sqlite_url: str) -> None:
+    async with open_budget(CONFIG, database=sqlite_url) as budget, trio.open_nursery() as nursery:
+        port = await nursery.start(serve, budget, "127.0.0.1", 0)
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
+            for frame in [
+                {"type": "cost", "dispatch_id": "a", "usd": "1"},
+                {"type": "cost", "dispatch_id": "a", "usd": "1"},
+                {"type": "cost", "dispatch_id": "b", "usd": "-1"},
+                {"type": "nope"},
+            ]:
+                await ws.send_message(json.dumps(frame))
+                await ws.get_message()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            text = b""
+            while chunk := await stream.receive_some(65536):
+                text += chunk
+        metrics = text.decode()
+        for line in [
+            "budget_costs_total 1",
+            "budget_duplicates_total 1",
+            'budget_errors_total{code="invalid_cost"} 1',
+            'budget_errors_total{code="invalid_message"} 1',
+            "budget_store_lag_seconds 0.0",
+        ]:
+            assert f"\n{line}\n" in metrics, line
+        assert "\nbudget_persist_latency_seconds 0\n" not in metrics
+        nursery.cancel_scope.cancel()
