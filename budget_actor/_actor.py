@@ -108,7 +108,7 @@ class BudgetActor:
         now = self._clock()
         if self._spill is not None:
             await trio.to_thread.run_sync(
-                _drain_spill, self._spill, self.store, now, limiter=self._limiter
+                _drain_spill, self._spill, self.store, self.config, now, limiter=self._limiter
             )
         restored = await trio.to_thread.run_sync(
             self.store.load, day_of(now, self.config), limiter=self._limiter
@@ -362,11 +362,20 @@ async def run_supervised(
         inbox.close()
 
 
-def _drain_spill(spill: SpillFile, store: Store, now: datetime) -> None:
-    """Startup: move what an earlier run spilled into the store, before restore."""
+def _drain_spill(spill: SpillFile, store: Store, config: BudgetConfig, now: datetime) -> None:
+    """Startup: move what an earlier run spilled into the store, before restore.
+
+    Restore rebuilds today only, so the patch of any earlier day that has
+    spilled costs (an outage across midnight) is recomputed from its journal
+    here; otherwise it would stay short of them for good.
+    """
     spill.open()
     entries = spill.read()
     if entries:
         store.write(entries, [], [], now)
         log.info("recovered %d spilled costs from %s", len(entries), spill.path)
+        today = day_of(now, config)
+        for day in sorted({entry.day for entry in entries} - {today}):
+            store.rebuild_patch(day, config.daily_cap, now)
+            log.info("rebuilt the budget patch of %s from its journal", day)
     spill.clear()

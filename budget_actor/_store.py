@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from ._money import add
 from ._records import (
     NUDGE_TYPE,
     PATCH_TYPE,
@@ -144,6 +145,31 @@ class Store(ABC):
             ).fetchone()
         )
         return None if row is None else self._read_body(row[0])
+
+    def rebuild_patch(self, day: str, daily_cap: Decimal, now: datetime) -> Snapshot:
+        """Recompute ``day``'s budget patch from its journal and write it.
+
+        Cycle count, cap and sent alerts are kept from the existing patch
+        (the journal does not know them); spend, dispatches and seq come from
+        the journal, summed exactly. Raises :class:`StoreError`.
+        """
+        entries = self.journal(day)
+        body = self.get_patch(PATCH_TYPE, f"budget_{day}")
+        old = Snapshot.from_body(body) if body is not None else None
+        spend = Decimal(0)
+        for entry in entries:
+            spend = add(spend, entry.usd)
+        snapshot = Snapshot(
+            day=day,
+            daily_spend=spend,
+            daily_cap=old.daily_cap if old else daily_cap,
+            cycle_count=old.cycle_count if old else 0,
+            dispatches=len(entries),
+            alerts_sent=old.alerts_sent if old else (),
+            seq=max((e.seq for e in entries), default=old.seq if old else 0),
+        )
+        self.write([], [snapshot], [], now)
+        return snapshot
 
     def journal(self, day: str) -> list[JournalEntry]:
         """Every journal entry of ``day``, in seq order (for audits and reports)."""

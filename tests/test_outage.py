@@ -159,3 +159,46 @@ async def test_http_health_is_503_while_degraded(pg_url: str, tmp_path: Path) ->
             await _recovered(budget)
             assert (await get(port, "/health"))[0] == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_spilled_costs_of_an_earlier_day_rebuild_its_patch(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """An outage across midnight, then a stop before the store came back: the
+    next start journals yesterday's spilled costs and rebuilds its patch."""
+    from datetime import UTC, datetime
+
+    from budget_actor import open_store
+    from budget_actor._records import JournalEntry
+    from budget_actor._spill import SpillFile
+
+    from ._helpers import WallClock
+
+    day = datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
+    clock = WallClock(day)
+    spill_path = tmp_path / "midnight.spill"
+    async with open_budget(CONFIG, database=sqlite_url, clock=clock, spill=spill_path) as budget:
+        await budget.record("a", "1.25")
+        for _ in range(10):
+            await budget.cycle()  # yesterday's patch: 1.25
+    # What the outage left behind: two more of yesterday's costs, spilled.
+    spill = SpillFile(spill_path)
+    spill.open()
+    spill.append(
+        [
+            JournalEntry(seq=seq, day="2026-11-30", dispatch_id=d, usd=Decimal(u), at=day)
+            for seq, d, u in [(2, "b", "0.50"), (3, "c", "0.25")]
+        ]
+    )
+    clock.advance(3600)  # the next start is on the next day
+    async with open_budget(CONFIG, database=sqlite_url, clock=clock, spill=spill_path) as budget:
+        assert (await budget.health()).day == "2026-12-01"
+    store = open_store(sqlite_url)
+    store.open(create=False)
+    try:
+        body = store.get_patch("budget", "budget_2026-11-30")
+    finally:
+        store.close()
+    assert body is not None
+    assert (body["daily_spend"], body["dispatches"], body["seq"]) == ("2.00", 3, 3)
+    assert body["cycle_count"] == 10
