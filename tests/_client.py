@@ -328,12 +328,12 @@ async def connect(url: str, **kwargs: Any) -> AsyncIterator[Conn]:
 # --------------------------------------------------------------------------
 
 
-def _frame(text: str) -> bytes:
-    """One masked client text frame."""
-    payload = text.encode()
-    mask = os.urandom(4)
-    header = bytearray([0x81])
-    n = len(payload)
+def frame(
+    payload: bytes, opcode: int = 0x1, *, fin: bool = True, length: int | None = None
+) -> bytes:
+    """One masked client frame; ``length`` lets the header lie about the payload."""
+    n = len(payload) if length is None else length
+    header = bytearray([(0x80 if fin else 0) | opcode])
     if n < 126:
         header.append(0x80 | n)
     elif n < 1 << 16:
@@ -342,6 +342,7 @@ def _frame(text: str) -> bytes:
     else:
         header.append(0x80 | 127)
         header += n.to_bytes(8, "big")
+    mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return bytes(header) + mask + masked
 
@@ -385,7 +386,7 @@ class StuckClient:
             view = view[sent:]
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.send_raw(_frame(json.dumps(message)))
+        await self.send_raw(frame(json.dumps(message).encode()))
 
     def close(self) -> None:
         self.sock.close()

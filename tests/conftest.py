@@ -18,6 +18,8 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
+from ._client import Launcher
+
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = os.environ.get("BUDGET_TEST_DATABASE_URL", DEFAULT_PG)
 REQUIRE_PG = os.environ.get("BUDGET_REQUIRE_POSTGRES") == "1"
@@ -64,3 +66,16 @@ def database_url(request: pytest.FixtureRequest) -> str:
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
     url: str = request.getfixturevalue(name)
     return url
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    """Starts `budget-actor serve` processes in this test's own directory;
+    stops them all afterwards."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    launch = Launcher(workdir)
+    try:
+        yield launch
+    finally:
+        launch.close()

@@ -12,7 +12,6 @@ import math
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -65,17 +64,6 @@ NUDGE_FIELDS = {"to", "from", "day", "threshold", "daily_spend", "daily_cap", "c
 # --------------------------------------------------------------------------
 # Fixtures and small checks
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    launch = Launcher(workdir)
-    try:
-        yield launch
-    finally:
-        launch.close()
 
 
 def store_kind(url: str) -> str:

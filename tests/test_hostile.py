@@ -39,7 +39,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from budget_actor import make_config, open_budget
 from budget_actor._server import ServerOptions, serve
 
-from ._client import Conn, Launcher, Service, connect, http_get, run_cli
+from ._client import Conn, Launcher, Service, connect, frame, http_get, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -90,25 +90,6 @@ def upgrade_request(
     ]
     lines += [f"{name}: {value}" for name, value in headers or []]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def frame(
-    payload: bytes, opcode: int = 0x1, *, fin: bool = True, length: int | None = None
-) -> bytes:
-    """One masked client frame; ``length`` lets the header lie about the payload."""
-    n = len(payload) if length is None else length
-    header = bytearray([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        header.append(0x80 | n)
-    elif n < 1 << 16:
-        header.append(0x80 | 126)
-        header += n.to_bytes(2, "big")
-    else:
-        header.append(0x80 | 127)
-        header += n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes(header) + mask + masked
 
 
 def status_of(head: bytes) -> int:
@@ -245,17 +226,6 @@ class RawWS:
 # --------------------------------------------------------------------------
 # Services
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    launch = Launcher(workdir)
-    try:
-        yield launch
-    finally:
-        launch.close()
 
 
 @pytest.fixture(scope="module")
