@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,9 @@ CONNECT_TIMEOUT_S = 3
 # otherwise hold a write for the kernel's retransmission timeout (~15 min):
 # give up on unacknowledged data after 10 s, and probe idle connections.
 TCP_USER_TIMEOUT_MS = 10_000
+# The instance lock is retried for about 2 s before a second service is refused.
+LOCK_ATTEMPTS = 10
+LOCK_RETRY_S = 0.2
 
 _SCHEMA = (
     (
@@ -69,15 +73,21 @@ class PostgresStore(Store):
         the second with a clear error; it goes with the connection (and with
         the process, however it dies), and is taken again on every reconnect.
         """
-        row = conn.execute(
-            "SELECT pg_try_advisory_lock(hashtext('budget_actor:' || current_schema()))"
-        ).fetchone()
-        if not row or not row[0]:
-            conn.close()
-            raise StoreError(
-                "postgresql: this schema is in use by another budget-actor (advisory lock held);"
-                " one instance per schema"
-            )
+        for attempt in range(LOCK_ATTEMPTS):
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext('budget_actor:' || current_schema()))"
+            ).fetchone()
+            if row and row[0]:
+                return
+            # A predecessor killed a moment ago holds the lock until its
+            # server process notices the closed socket: give it that moment.
+            if attempt + 1 < LOCK_ATTEMPTS:
+                time.sleep(LOCK_RETRY_S)
+        conn.close()
+        raise StoreError(
+            "postgresql: this schema is in use by another budget-actor (advisory lock held);"
+            " one instance per schema"
+        )
 
     def _schema(self) -> Sequence[tuple[str, str]]:
         return _SCHEMA

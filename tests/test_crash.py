@@ -45,53 +45,55 @@ async def test_kill_9_under_load_loses_nothing_and_counts_nothing_twice(
     for round_no in range(KILLS + 1):
         service = await ServeProcess(*args, log=tmp_path / "serve.log").start()
         try:
-            async with open_websocket_url(service.url) as ws:
-                # A sender that got no ack re-sends; the id makes it safe.
-                for dispatch_id, usd in in_doubt.items():
-                    await ws.send_message(_cost(dispatch_id, usd))
-                for _ in range(len(in_doubt)):
-                    ack = json.loads(await ws.get_message())
-                    assert ack["type"] == "ack", ack
-                    acked[ack["dispatch_id"]] = in_doubt[ack["dispatch_id"]]
-                    resent_duplicates += ack["duplicate"]
-                in_doubt = {}
-                health = await _health(ws)
-                assert Decimal(health["daily_spend"]) == sum(acked.values(), Decimal(0)), (
-                    f"round {round_no}: spend {health['daily_spend']} != acked"
-                )
-                assert health["dispatches"] == len(acked)
-                if round_no == KILLS:
-                    break
-                sent.clear()
-
-                async def sender() -> None:
-                    nonlocal counter
-                    while True:
-                        counter += 1
-                        dispatch_id = f"c{counter}"
-                        usd = Decimal(rng.randrange(1, 10**6)) / Decimal(10**6)
-                        sent[dispatch_id] = usd
+            # A round that hangs fails the test instead of stalling CI.
+            with trio.fail_after(60):
+                async with open_websocket_url(service.url) as ws:
+                    # A sender that got no ack re-sends; the id makes it safe.
+                    for dispatch_id, usd in in_doubt.items():
                         await ws.send_message(_cost(dispatch_id, usd))
-                        if counter % 16 == 0:
-                            await trio.lowlevel.checkpoint()
-
-                async def reader() -> None:
-                    while True:
+                    for _ in range(len(in_doubt)):
                         ack = json.loads(await ws.get_message())
-                        assert ack["type"] == "ack" and not ack["duplicate"], ack
-                        acked[ack["dispatch_id"]] = sent[ack["dispatch_id"]]
+                        assert ack["type"] == "ack", ack
+                        acked[ack["dispatch_id"]] = in_doubt[ack["dispatch_id"]]
+                        resent_duplicates += ack["duplicate"]
+                    in_doubt = {}
+                    health = await _health(ws)
+                    assert Decimal(health["daily_spend"]) == sum(acked.values(), Decimal(0)), (
+                        f"round {round_no}: spend {health['daily_spend']} != acked"
+                    )
+                    assert health["dispatches"] == len(acked)
+                    if round_no == KILLS:
+                        break
+                    sent.clear()
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(sender)
-                    nursery.start_soon(reader)
-                    await trio.sleep(rng.uniform(0.05, 0.4))
-                    service.kill()  # SIGKILL at a random moment under load
-                    with trio.move_on_after(2):
-                        try:
-                            await trio.sleep_forever()
-                        except* (ConnectionClosed, trio.BrokenResourceError):
-                            pass
-                    nursery.cancel_scope.cancel()
+                    async def sender() -> None:
+                        nonlocal counter
+                        while True:
+                            counter += 1
+                            dispatch_id = f"c{counter}"
+                            usd = Decimal(rng.randrange(1, 10**6)) / Decimal(10**6)
+                            sent[dispatch_id] = usd
+                            await ws.send_message(_cost(dispatch_id, usd))
+                            if counter % 16 == 0:
+                                await trio.lowlevel.checkpoint()
+
+                    async def reader() -> None:
+                        while True:
+                            ack = json.loads(await ws.get_message())
+                            assert ack["type"] == "ack" and not ack["duplicate"], ack
+                            acked[ack["dispatch_id"]] = sent[ack["dispatch_id"]]
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(sender)
+                        nursery.start_soon(reader)
+                        await trio.sleep(rng.uniform(0.05, 0.4))
+                        service.kill()  # SIGKILL at a random moment under load
+                        with trio.move_on_after(2):
+                            try:
+                                await trio.sleep_forever()
+                            except* (ConnectionClosed, trio.BrokenResourceError):
+                                pass
+                        nursery.cancel_scope.cancel()
         except* (ConnectionClosed, trio.BrokenResourceError):
             pass
         finally:
