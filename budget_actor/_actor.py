@@ -13,7 +13,10 @@ often):
 * **persister**: writes journal entries, patches and nudge rows;
 * **alerter**: delivers threshold crossings to AG Lu;
 * **ticker**: sends a :class:`Tick` every second so the day rolls over at
-  midnight even when no cost arrives.
+  midnight even when no cost arrives;
+* **coordinator** (PostgreSQL, where instances share the budget): reads the
+  other instances' totals and decides admissions against the global cap
+  (:mod:`budget_actor._shared`).
 
 Shutdown: a :class:`Shutdown` message ends the loop after everything before it
 was handled; cancellation ends it at once. Either way the children stop, then a
@@ -37,6 +40,7 @@ from ._ledger import AlertDue, Effect, Ledger, PatchDue, day_of
 from ._messages import (
     Admit,
     AlertDelivered,
+    AlertWithdrawn,
     ChildFailed,
     CountCycle,
     Message,
@@ -45,13 +49,17 @@ from ._messages import (
     Shutdown,
     StoreReport,
     Subscribe,
+    Synced,
     Tick,
+    Uncount,
     Unsubscribe,
     fail_waiters,
 )
 from ._persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
+from ._shared import AdmitQueue, Coordinator
 from ._spill import SpillFile
 from ._store import Store
+from ._store_postgres import PostgresStore
 from ._supervisor import Escalation, RestartPolicy, Restarts, supervise
 from ._views import AlertNotice
 
@@ -91,8 +99,12 @@ class BudgetActor:
         self._spill = spill
         self._persist = PersistQueue(spill)
         self._alerts = AlertQueue()
+        self._admits = AdmitQueue()
+        # trio time of the last read of the other instances' totals.
+        self._synced_at: float | None = None
         self._subscribers: set[Subscription] = set()
         self._published: Published | None = None
+        self._published_version = -1
         self._ledger: Ledger | None = None
         self._started_at = 0.0
         #: True once restored and handling messages.
@@ -108,7 +120,7 @@ class BudgetActor:
         now = self._clock()
         if self._spill is not None:
             await trio.to_thread.run_sync(
-                _drain_spill, self._spill, self.store, self.config, now, limiter=self._limiter
+                drain_spill, self._spill, self.store, self.config, now, limiter=self._limiter
             )
         restored = await trio.to_thread.run_sync(
             self.store.load, day_of(now, self.config), limiter=self._limiter
@@ -121,13 +133,23 @@ class BudgetActor:
             self.store, self._persist, self._limiter, self._clock, self._outbox.send
         )
         alerter = Alerter(self._alerts, self._persist, self._outbox.send)
+        children = [
+            ("persister", persister.run),
+            ("alerter", alerter.run),
+            ("ticker", self._tick),
+        ]
+        if isinstance(self.store, PostgresStore):
+            coordinator = Coordinator(
+                self.store.companion(),
+                self.config,
+                self._admits,
+                lambda: ledger.day,
+                self._outbox.send,
+            )
+            children.append(("coordinator", coordinator.run))
         try:
             async with trio.open_nursery() as nursery:
-                for name, child in (
-                    ("persister", persister.run),
-                    ("alerter", alerter.run),
-                    ("ticker", self._tick),
-                ):
+                for name, child in children:
                     nursery.start_soon(supervise, name, child, self._policy, self._restarted)
                 self._apply(effects)
                 task_status.started()
@@ -149,16 +171,19 @@ class BudgetActor:
                         SHUTDOWN_GRACE_S,
                         self._persist.waiting,
                     )
-            # Whatever could not be written was never acknowledged; its
-            # senders must hear so rather than wait forever.
+            # Whatever could not be written was never acknowledged, and an
+            # admission not decided was never granted; their senders must
+            # hear so rather than wait forever.
             for job in self._persist.unfinished():
                 fail_waiters(job)
+            for admit in self._admits.pending():
+                fail_waiters(admit)
 
     async def _loop(self, ledger: Ledger) -> None:
         inbox = self._inbox
         while True:
             message = await inbox.receive()
-            before = (ledger.day, ledger.seq)
+            before = ledger.version
             handled = 0
             while True:
                 if self._handle(ledger, message):
@@ -206,9 +231,15 @@ class BudgetActor:
             if recorded.effects:
                 self._apply(recorded.effects)
         elif isinstance(message, Admit):
-            admission, effects = ledger.admit(self._clock(), message.dispatch_id, message.estimate)
-            message.reply.set(admission)
-            self._apply(effects)
+            if ledger.instance is not None:
+                # Shared: only the store sees every instance's reservations.
+                self._admits.put(message)
+            else:
+                admission, effects = ledger.admit(
+                    self._clock(), message.dispatch_id, message.estimate
+                )
+                message.reply.set(admission)
+                self._apply(effects)
         elif isinstance(message, CountCycle):
             self._apply(ledger.cycle(self._clock()))
         elif isinstance(message, Tick):
@@ -221,6 +252,7 @@ class BudgetActor:
                     store=self.store.kind,
                     subscribers=len(self._subscribers),
                     uptime_s=round(trio.current_time() - self._started_at, 3),
+                    sync_age_s=self._sync_age(),
                 )
             )
         elif isinstance(message, StoreReport):
@@ -241,6 +273,14 @@ class BudgetActor:
             message.subscription.close()
         elif isinstance(message, AlertDelivered):
             self._push_alert(message)
+        elif isinstance(message, Synced):
+            self._synced_at = message.at
+            self._apply(ledger.synced(self._clock(), message.others))
+        elif isinstance(message, Uncount):
+            for entry, original in message.duplicates:
+                ledger.uncount(entry.day, entry.dispatch_id, entry.usd, original)
+        elif isinstance(message, AlertWithdrawn):
+            self._apply(ledger.withdraw(self._clock(), message.alert))
         elif isinstance(message, ChildFailed):
             ledger.restarts[message.child] = ledger.restarts.get(message.child, 0) + 1
         elif isinstance(message, Shutdown):
@@ -268,16 +308,20 @@ class BudgetActor:
                 log.info("%s on %s: %s of %s", what, alert.day, alert.daily_spend, alert.daily_cap)
                 self._alerts.put(effect.alert)
 
+    def _sync_age(self) -> float | None:
+        if self._synced_at is None:
+            return None
+        return round(trio.current_time() - self._synced_at, 3)
+
     def _current(self, ledger: Ledger) -> Published:
         published = self._published
-        spend = published.spend if published is not None else None
-        if spend is None or (spend.day, spend.seq) != (ledger.day, ledger.seq):
+        if published is None or self._published_version != ledger.version:
             published = self._published = Published(ledger.spend())
-        assert published is not None
+            self._published_version = ledger.version
         return published
 
-    def _publish_if_changed(self, ledger: Ledger, before: tuple[str, int]) -> None:
-        if (ledger.day, ledger.seq) == before or not self._subscribers:
+    def _publish_if_changed(self, ledger: Ledger, before: int) -> None:
+        if ledger.version == before or not self._subscribers:
             return
         published = self._current(ledger)
         gone = []
@@ -362,7 +406,7 @@ async def run_supervised(
         inbox.close()
 
 
-def _drain_spill(spill: SpillFile, store: Store, config: BudgetConfig, now: datetime) -> None:
+def drain_spill(spill: SpillFile, store: Store, config: BudgetConfig, now: datetime) -> None:
     """Startup: move what an earlier run spilled into the store, before restore.
 
     Restore rebuilds today only, so the patch of any earlier day that has

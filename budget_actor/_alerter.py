@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._messages import AlertDelivered, Reply
+from ._messages import AlertDelivered, AlertWithdrawn, Message, Reply
 from ._persister import NudgeJob, PersistQueue
 from ._records import Alert
 
@@ -46,7 +46,7 @@ class Alerter:
         self,
         queue: AlertQueue,
         persist: PersistQueue,
-        deliver: Callable[[AlertDelivered], Awaitable[None]],
+        deliver: Callable[[Message], Awaitable[None]],
     ) -> None:
         self.queue = queue
         self.persist = persist
@@ -61,12 +61,16 @@ class Alerter:
                 except trio.EndOfChannel:
                     return
             alert = queue.current
-            written: Reply[bool] = Reply()
+            written: Reply[str] = Reply()
             self.persist.put(NudgeJob(alert, written))
             # Pushed whether or not this write inserted the row: a retried
             # write whose first attempt did commit finds the row there, and
-            # the push is still owed. Restore never re-raises an alert whose
-            # row exists, so this cannot push twice.
-            await written.get()
-            await self.deliver(AlertDelivered(alert))
+            # the push is still owed; with a shared budget, another instance
+            # may have written it, and this instance's subscribers are still
+            # owed the push. Restore never re-raises an alert whose row
+            # exists, so this cannot push twice.
+            if await written.get() == "premature":
+                await self.deliver(AlertWithdrawn(alert))
+            else:
+                await self.deliver(AlertDelivered(alert))
             queue.current = None

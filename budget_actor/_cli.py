@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 import trio
 
 from ._access import Access, is_loopback
-from ._config import BudgetConfig, ConfigError, make_config
+from ._config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
 from ._server import ServerOptions, serve
 from ._service import open_budget
 from ._store import StoreError
@@ -64,7 +65,17 @@ def _parser() -> _Parser:
         help="spill file for costs acknowledged while the database is down"
         " (default: beside the SQLite file, or budget-HASH.spill for PostgreSQL)",
     )
+    serve.add_argument(
+        "--instance-id",
+        default=_env("BUDGET_INSTANCE_ID", ""),
+        help="this instance's name among those sharing a PostgreSQL budget (default: HOST-PID)",
+    )
     _add_budget_options(serve)
+    serve.add_argument(
+        "--sync-interval",
+        default=_env("BUDGET_SYNC_INTERVAL", "0.2"),
+        help="seconds between reads of the other instances' spend (PostgreSQL)",
+    )
     serve.add_argument(
         "--log-level",
         type=str.upper,
@@ -212,8 +223,25 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     )
 
 
+# Instance ids go into logs, health and SQL parameters: keep them printable
+# and short.
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+
+
+def _instance_id(value: str) -> str | None:
+    if not value:
+        return None
+    if not _INSTANCE_ID.fullmatch(value):
+        raise ConfigError(
+            f"`instance-id` must be 1 to 64 letters, digits or any of . _ : @ -, got {value!r}"
+        )
+    return value
+
+
 def _config(args: argparse.Namespace) -> BudgetConfig:
     return make_config(
+        # Only `serve` has it: the other commands never sync.
+        sync_interval_s=getattr(args, "sync_interval", DEFAULT_SYNC_INTERVAL_S),
         daily_cap=args.daily_cap,
         alert_at=args.alert_at,
         alert_to=args.alert_to,
@@ -251,13 +279,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
         options = _server_options(args)
+        instance = _instance_id(args.instance_id)
     except ConfigError as exc:
         return _fail(str(exc))
     if not 0 <= args.port <= 65535:
         return _fail(f"`port` must be in 0..65535, got {args.port}")
     try:
         code: int = trio.run(
-            _serve, config, options, args.database, args.host, args.port, args.spill
+            _serve, config, options, args.database, args.host, args.port, args.spill, instance
         )
         return code
     except BaseException as exc:
@@ -293,9 +322,12 @@ async def _serve(
     host: str,
     port: int,
     spill: str,
+    instance: str | None,
 ) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_budget(config, database=database, spill=spill or True) as budget:
+        async with open_budget(
+            config, database=database, spill=spill or True, instance=instance
+        ) as budget:
             async with trio.open_nursery() as nursery:
                 real_port = await nursery.start(partial(serve, options=options), budget, host, port)
                 shown = f"[{host}]" if ":" in host else host

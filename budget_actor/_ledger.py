@@ -25,7 +25,7 @@ import msgspec
 from ._burn import BurnRate, project
 from ._config import BudgetConfig
 from ._money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
-from ._records import Alert, JournalEntry, Restored, Snapshot
+from ._records import Alert, JournalEntry, Others, Restored, Snapshot
 from ._views import Admission, Health, Spend
 
 # Why a patch is due; kept in the effect for logs and tests.
@@ -87,9 +87,14 @@ class _Day:
     starts_at: datetime
     ends_at: datetime
     burn: BurnRate
+    # This instance's own spend, dispatches and cycles...
     spend: Decimal = Decimal(0)
     dispatches: int = 0
     cycles: int = 0
+    # ...and, when instances share the budget, the others' (as last synced),
+    # with ``total`` = own + others: the figure thresholds and views use.
+    others: Others | None = None
+    total: Decimal = Decimal(0)
     alerts_sent: set[Decimal] = field(default_factory=set)
     forecast_sent: bool = False
     # dispatch_id -> seq of the cost that counted it.
@@ -117,8 +122,14 @@ class Ledger:
     raises ``ValueError`` for them without changing anything.
     """
 
-    def __init__(self, config: BudgetConfig, now: datetime, *, seq: int = 0) -> None:
+    def __init__(
+        self, config: BudgetConfig, now: datetime, *, seq: int = 0, instance: str | None = None
+    ) -> None:
         self.config = config
+        #: This instance's id when several share the budget; None when alone.
+        self.instance = instance
+        #: Grows whenever a figure that subscribers see changes.
+        self.version = 0
         self._levels = [(t, MONEY_CONTEXT.multiply(t, config.daily_cap)) for t in config.alert_at]
         self._today = _new_day(now, config)
         self._arm()
@@ -147,7 +158,7 @@ class Ledger:
         have no nudge row yet (the process died between the two); sent alerts
         are never sent again.
         """
-        ledger = cls(config, now, seq=restored.max_seq)
+        ledger = cls(config, now, seq=restored.max_seq, instance=restored.instance)
         today = ledger._today
         if restored.day != today.day:
             # The store was read for another day (midnight passed while
@@ -168,6 +179,10 @@ class Ledger:
             today.spend = add(today.spend, entry.usd)
             today.dispatches += 1
             today.seen[entry.dispatch_id] = entry.seq
+        today.total = today.spend
+        if restored.others is not None and restored.others.day == today.day:
+            today.others = restored.others
+            today.total = add(today.spend, restored.others.spend)
         # The burn rate's history starts now: what was spent before the
         # restart is not known by time, and must not read as a burst.
         today.burn = BurnRate(now, today.spend)
@@ -190,6 +205,7 @@ class Ledger:
         old = self.snapshot()
         self._today = _new_day(now, self.config)
         self._arm()
+        self.version += 1
         return [PatchDue(old, "rollover")]
 
     def record(
@@ -214,7 +230,9 @@ class Ledger:
             self.duplicates += 1
             return Recorded(original, True, None, tuple(effects))
         self._seq += 1
+        self.version += 1
         today.spend = add(today.spend, usd)
+        today.total = add(today.total, usd) if today.others is not None else today.spend
         today.dispatches += 1
         today.seen[dispatch_id] = self._seq
         if today.reservations:
@@ -231,9 +249,57 @@ class Ledger:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
         )
-        if today.next_alert_at is not None and today.spend >= today.next_alert_at:
+        if today.next_alert_at is not None and today.total >= today.next_alert_at:
             effects.extend(self._crossings(now))
         return Recorded(self._seq, False, entry, tuple(effects))
+
+    def synced(self, now: datetime, others: Others) -> list[Effect]:
+        """The other instances' durable totals, freshly read from the store.
+
+        Ignored unless they are of today. Returns the alerts that the new
+        global spend makes due (the nudge row's key makes sure only one
+        instance's nudge is written; each instance pushes to its own
+        subscribers).
+        """
+        effects = self._roll(now) if now >= self._today.ends_at else []
+        today = self._today
+        if others.day != today.day:
+            return effects
+        before = today.others
+        today.others = others
+        today.total = add(today.spend, others.spend)
+        if before is None or (before.spend, before.dispatches, before.cycles) != (
+            others.spend,
+            others.dispatches,
+            others.cycles,
+        ):
+            self.version += 1
+        if today.next_alert_at is not None and today.total >= today.next_alert_at:
+            effects.extend(self._crossings(now))
+        return effects
+
+    def uncount(self, day: str, dispatch_id: str, usd: Decimal, original_seq: int) -> None:
+        """The store found that another instance had counted ``dispatch_id``
+        first: take the cost back out of this instance's share."""
+        today = self._today
+        self.duplicates += 1
+        if day != today.day or today.seen.get(dispatch_id) is None:
+            return  # that day's figures are closed; the store holds the truth
+        today.spend = sub(today.spend, usd)
+        today.total = sub(today.total, usd)
+        today.dispatches -= 1
+        today.seen[dispatch_id] = original_seq
+        self.version += 1
+
+    def withdraw(self, now: datetime, alert: Alert) -> list[Effect]:
+        """The store refused ``alert``'s nudge as premature (the shared spend
+        has not reached it): arm its threshold again, and re-check."""
+        today = self._today
+        if alert.day != today.day or alert.kind != "threshold":
+            return []
+        today.alerts_sent.discard(alert.threshold)
+        self._arm()
+        return self._crossings(now)
 
     def admit(
         self, now: datetime, dispatch_id: str, estimate: Decimal
@@ -250,7 +316,7 @@ class Ledger:
         self._expire(now)
         previous = today.reservations.get(dispatch_id)
         self._release(dispatch_id)
-        available = max(sub(sub(self.config.daily_cap, today.spend), today.reserved), Decimal(0))
+        available = max(sub(sub(self.config.daily_cap, today.total), today.reserved), Decimal(0))
         if previous is not None and (dispatch_id in today.seen or estimate > available):
             # A refused re-admit leaves the earlier reservation as it was.
             today.reservations[dispatch_id] = previous
@@ -263,7 +329,7 @@ class Ledger:
             ), effects
         if estimate > available:
             reason = (
-                f"estimate {estimate} exceeds the remaining {available} (spend {today.spend}"
+                f"estimate {estimate} exceeds the remaining {available} (spend {today.total}"
                 f" + reserved {today.reserved} of cap {self.config.daily_cap})"
             )
             return Admission(
@@ -342,23 +408,43 @@ class Ledger:
             seq=self._seq,
         )
 
+    @property
+    def total_spend(self) -> Decimal:
+        """The day's spend: global when shared (own + others as last synced)."""
+        return self._today.total
+
     def spend(self) -> Spend:
         today = self._today
         cap = self.config.daily_cap
+        others = today.others
+        shared = self.instance is not None
         return Spend(
             day=today.day,
-            daily_spend=today.spend,
+            daily_spend=today.total,
             daily_cap=cap,
-            remaining=_remaining(cap, today.spend),
-            utilization=_utilization(today.spend, cap),
-            dispatches=today.dispatches,
+            remaining=_remaining(cap, today.total),
+            utilization=_utilization(today.total, cap),
+            dispatches=today.dispatches + (others.dispatches if others else 0),
             seq=self._seq,
+            instance=self.instance,
+            instance_spend=today.spend if shared else None,
+            instance_dispatches=today.dispatches if shared else None,
         )
 
-    def health(self, now: datetime, *, store: str, subscribers: int, uptime_s: float) -> Health:
+    def health(
+        self,
+        now: datetime,
+        *,
+        store: str,
+        subscribers: int,
+        uptime_s: float,
+        sync_age_s: float | None = None,
+    ) -> Health:
         """All health figures; the caller supplies the ones that are not accounting."""
         self._expire(now)
         today = self._today
+        others = today.others
+        shared = self.instance is not None
         burn_60m = today.burn.rate(now, 3600)
         cap = self.config.daily_cap
         every = self.config.persist_every
@@ -366,30 +452,35 @@ class Ledger:
         return Health(
             status="degraded" if degraded else "ok",
             day=today.day,
-            daily_spend=today.spend,
+            daily_spend=today.total,
             daily_cap=cap,
-            remaining=_remaining(cap, today.spend),
-            utilization=_utilization(today.spend, cap),
+            remaining=_remaining(cap, today.total),
+            utilization=_utilization(today.total, cap),
             alert_thresholds=tuple(float(t) for t in self.config.alert_at),
             alerts_sent=tuple(float(t) for t in sorted(today.alerts_sent)),
-            cycle_count=today.cycles,
+            cycle_count=today.cycles + (others.cycles if others else 0),
             cycles_until_persist=every - today.cycles % every,
             last_persist_at=self._last_persist_at,
             store=store,
             store_ok=self._store_ok,
             subscribers=subscribers,
             uptime_s=uptime_s,
-            dispatches=today.dispatches,
+            dispatches=today.dispatches + (others.dispatches if others else 0),
             seq=self._seq,
             pending=self._seq - self._durable_seq,
             burn_rate_5m=today.burn.rate(now, 300),
             burn_rate_60m=burn_60m,
-            projected_spend=project(today.spend, burn_60m, now, today.ends_at),
-            reserved=today.reserved,
+            projected_spend=project(today.total, burn_60m, now, today.ends_at),
+            reserved=add(today.reserved, others.reserved) if others else today.reserved,
             duplicates=self.duplicates,
             restarts=dict(self.restarts),
             persist_latency_s=round(self._persist_latency_s, 6),
             store_lag_s=self._lag(now),
+            instance=self.instance,
+            instance_spend=today.spend if shared else None,
+            instance_dispatches=today.dispatches if shared else None,
+            instances=(others.instances if others else 0) + 1 if shared else None,
+            sync_age_s=sync_age_s,
         )
 
     def _lag(self, now: datetime) -> float:
@@ -411,7 +502,7 @@ class Ledger:
         today = self._today
         effects: list[Effect] = []
         for threshold, amount in self._levels:
-            if threshold not in today.alerts_sent and today.spend >= amount:
+            if threshold not in today.alerts_sent and today.total >= amount:
                 today.alerts_sent.add(threshold)
                 effects.append(AlertDue(self._alert(now, threshold)))
         self._arm()
@@ -420,9 +511,9 @@ class Ledger:
     def _forecast(self, now: datetime) -> list[Effect]:
         today = self._today
         cap = self.config.daily_cap
-        if today.spend >= cap:
+        if today.total >= cap:
             return []  # the real spend got there first; its alerts say so
-        projected = project(today.spend, today.burn.rate(now, 3600), now, today.ends_at)
+        projected = project(today.total, today.burn.rate(now, 3600), now, today.ends_at)
         if projected <= cap:
             return []
         today.forecast_sent = True
@@ -434,7 +525,7 @@ class Ledger:
             to=self.config.alert_to,
             day=today.day,
             threshold=threshold,
-            daily_spend=today.spend,
+            daily_spend=today.total,
             daily_cap=self.config.daily_cap,
             created_at=now,
             kind="threshold" if projected is None else "forecast",

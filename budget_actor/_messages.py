@@ -15,7 +15,7 @@ import msgspec
 import trio
 
 from ._fanout import Subscription
-from ._records import Alert
+from ._records import Alert, JournalEntry, Others
 from ._views import Admission, Health
 
 T = TypeVar("T")
@@ -143,6 +143,28 @@ class AlertDelivered(msgspec.Struct):
     alert: Alert
 
 
+class AlertWithdrawn(msgspec.Struct):
+    """From the alerter: the store refused the nudge as premature (the shared
+    spend has not reached its threshold); arm the threshold again."""
+
+    alert: Alert
+
+
+class Synced(msgspec.Struct):
+    """From the coordinator: the other instances' durable totals, read from
+    the store at trio time ``at``."""
+
+    others: Others
+    at: float
+
+
+class Uncount(msgspec.Struct):
+    """From the persister: these costs were counted first by another instance
+    (same day and dispatch id); each with the original's seq."""
+
+    duplicates: list[tuple[JournalEntry, int]]
+
+
 class Shutdown(msgspec.Struct):
     """Stop after everything sent before this message has been handled."""
 
@@ -166,6 +188,9 @@ Message = (
     | Tick
     | StoreReport
     | AlertDelivered
+    | AlertWithdrawn
+    | Synced
+    | Uncount
     | ChildFailed
     | Shutdown
 )

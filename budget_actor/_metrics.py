@@ -74,4 +74,16 @@ def render(health: Health, errors: Mapping[str, int] | None = None) -> str:
     gauge("persist_latency_seconds", health.persist_latency_s, "Duration of the last store commit")
     gauge("store_lag_seconds", health.store_lag_s, "How far behind the store is (0: caught up)")
     gauge("uptime_seconds", health.uptime_s, "Seconds since the service started")
+    if health.instance is not None:
+        # Shared budget: daily_spend_usd above is global; this is our share.
+        i = f'{d},instance="{health.instance}"'
+        gauge("instance_spend_usd", health.instance_spend, "This instance's share of the spend", i)
+        gauge("instance_dispatches", health.instance_dispatches, "Costs counted here today", i)
+        gauge("instances", health.instances, "Instances with a share of today's spend", d)
+        if health.sync_age_s is not None:
+            gauge(
+                "sync_age_seconds",
+                health.sync_age_s,
+                "Age of this instance's view of the other instances' spend",
+            )
     return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ from datetime import datetime
 import msgspec
 import trio
 
-from ._messages import CostReceipt, Reply, StoreReport
+from ._messages import CostReceipt, Message, Reply, StoreReport, Uncount
 from ._records import Alert, JournalEntry, Snapshot
 from ._spill import SpillFile
 from ._store import JournalBatch, Store, StoreError
@@ -69,7 +69,8 @@ class PatchJob(msgspec.Struct):
 
 class NudgeJob(msgspec.Struct):
     alert: Alert
-    reply: Reply[bool] | None
+    # "inserted", "exists" or "premature": see WriteResult.
+    reply: Reply[str] | None
 
 
 class BarrierJob(msgspec.Struct):
@@ -142,7 +143,7 @@ class Persister:
         queue: PersistQueue,
         limiter: trio.CapacityLimiter,
         clock: Callable[[], datetime],
-        report: Callable[[StoreReport], Awaitable[None]],
+        report: Callable[[Message], Awaitable[None]],
     ) -> None:
         self.store = store
         self.queue = queue
@@ -264,7 +265,7 @@ class Persister:
             elif isinstance(job, NudgeJob):
                 nudges.append(job.alert)
         now = self.clock()
-        inserted = await trio.to_thread.run_sync(
+        result = await trio.to_thread.run_sync(
             self.store.write,
             JournalBatch.of(entries),
             patches,
@@ -273,9 +274,22 @@ class Persister:
             limiter=self.limiter,
             abandon_on_cancel=abandon,
         )
+        duplicates = result.duplicates
+        uncount: list[tuple[JournalEntry, int]] = []
+        if duplicates:
+            # Another instance counted these first: acknowledge them as the
+            # duplicates they are, and take them out of this instance's share.
+            uncount = [(e, duplicates[e.seq]) for e in entries if e.seq in duplicates]
+            for job in batch:
+                if isinstance(job, JournalJob) and job.entry.seq in duplicates:
+                    if job.receipt is not None:
+                        job.receipt.duplicate = True
+                        job.receipt.seq = duplicates[job.entry.seq]
         for job in batch:
             if not _acknowledge(job) and isinstance(job, NudgeJob) and job.reply is not None:
-                job.reply.set(job.alert.nudge_name in inserted)
+                job.reply.set(result.nudges.get(job.alert.nudge_name, "exists"))
+        if uncount:
+            await self._tell(Uncount(uncount))
 
     async def _spill(self, batch: list[Job], *, beside_store: bool = False) -> None:
         """Journal entries to the spill file (then acknowledged); the rest is held.
@@ -324,7 +338,7 @@ class Persister:
         )
         await self._tell(report)
 
-    async def _tell(self, report: StoreReport) -> None:
+    async def _tell(self, report: Message) -> None:
         # At shutdown the actor's mailbox is already closed; the final flush
         # has nobody left to report to, and that is fine.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

@@ -116,6 +116,40 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
         return body
 
 
+class Others(msgspec.Struct, frozen=True, kw_only=True):
+    """What the other instances sharing the budget have made durable for ``day``
+    (PostgreSQL only), as read in one snapshot of the store."""
+
+    day: str
+    spend: Decimal = Decimal(0)
+    dispatches: int = 0
+    cycles: int = 0
+    # Instances with a share of ``day``, this one excluded.
+    instances: int = 0
+    # Live admitted estimates of every instance (this one included): the
+    # reservations are global.
+    reserved: Decimal = Decimal(0)
+
+
+class WriteResult(msgspec.Struct, kw_only=True):
+    """What one :meth:`Store.write` did beyond "all of it".
+
+    ``nudges`` maps each nudge row name in the write to ``"inserted"`` (this
+    write created it), ``"exists"`` (someone had, earlier) or ``"premature"``
+    (the shared spend in the store has not reached the threshold: not written;
+    only when instances share a budget, see :mod:`budget_actor._shared`).
+    ``duplicates`` maps the seq of each journal entry that another instance
+    had already counted (same day and ``dispatch_id``) to that original's seq.
+    """
+
+    nudges: dict[str, str] = msgspec.field(default_factory=dict)
+    duplicates: dict[int, int] = msgspec.field(default_factory=dict)
+
+    @property
+    def inserted(self) -> set[str]:
+        return {name for name, what in self.nudges.items() if what == "inserted"}
+
+
 class Restored(msgspec.Struct, frozen=True, kw_only=True):
     """What a store knows about ``day`` at startup."""
 
@@ -133,6 +167,10 @@ class Restored(msgspec.Struct, frozen=True, kw_only=True):
     forecast_sent: bool = False
     # Highest seq ever journaled or patched, so seq keeps growing.
     max_seq: int
+    # Shared budget (PostgreSQL): this instance's id and the others' totals.
+    # Then ``patch`` and ``entries`` are this instance's own share only.
+    instance: str | None = None
+    others: Others | None = None
 
 
 def iso_utc(moment: datetime) -> str:

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import trio
 
-from ._actor import BudgetActor, run_supervised
+from ._actor import BudgetActor, drain_spill, run_supervised
 from ._config import BudgetConfig
 from ._fanout import Published, Subscription
 from ._messages import (
@@ -43,8 +43,8 @@ from ._messages import (
     Subscribe,
     Unsubscribe,
 )
-from ._spill import SpillFile
-from ._store import Store, open_store
+from ._spill import SpillFile, claim
+from ._store import Store, StoreError, open_store
 from ._store_sqlite import SqliteStore
 from ._supervisor import RestartPolicy
 from ._views import Admission, Health, Update
@@ -309,6 +309,7 @@ async def open_budget(
     clock: Callable[[], datetime] = _utc_now,
     policy: RestartPolicy | None = None,
     spill: str | os.PathLike[str] | bool = True,
+    instance: str | None = None,
 ) -> AsyncIterator[Budget]:
     """Open the store, restore today and run the budget actor for the block.
 
@@ -316,8 +317,11 @@ async def open_budget(
     :class:`Store`. ``clock`` returns the current time as an aware datetime
     (inject one to test day rollover). ``spill`` is the spill file that holds
     acknowledged costs while the store is unreachable: ``True`` for the default
-    (:func:`default_spill_path`), a path, or ``False`` for none (then, during
-    an outage, :meth:`Budget.record` waits for the store).
+    (:func:`default_spill_path`, or the first free slot beside it when other
+    live instances hold it), a path, or ``False`` for none (then, during an
+    outage, :meth:`Budget.record` waits for the store). ``instance`` is this
+    service's id among the instances sharing a PostgreSQL budget (default:
+    host name and process id); see ``docs/scaling.md``.
 
     Raises :class:`~budget_actor.StoreError` if the store cannot be opened or
     read. If a child task fails too often, the block is cancelled and an
@@ -326,15 +330,32 @@ async def open_budget(
     already sent, then writes everything with a final patch (bounded time).
     """
     config = config or BudgetConfig()
-    store = open_store(database) if isinstance(database, str) else database
+    store = open_store(database, instance) if isinstance(database, str) else database
+    orphans: list[SpillFile] = []
     if spill is True:
-        spill_file: SpillFile | None = SpillFile(default_spill_path(store))
+        spill_file: SpillFile | None
+        spill_file, orphans = claim(default_spill_path(store))
     elif spill is False:
         spill_file = None
     else:
         spill_file = SpillFile(spill)
+        if not spill_file.lock():
+            raise StoreError(f"spill file {spill_file.path} is in use by another budget-actor")
     limiter = trio.CapacityLimiter(1)
-    await trio.to_thread.run_sync(store.open, limiter=limiter)
+    try:
+        await trio.to_thread.run_sync(store.open, limiter=limiter)
+        # Spill files of instances that died and did not come back: their
+        # acknowledged costs go to the store before anything is restored.
+        for orphan in orphans:
+            await trio.to_thread.run_sync(
+                drain_spill, orphan, store, config, clock(), limiter=limiter
+            )
+            orphan.release()
+    except BaseException:
+        for held in [*orphans, spill_file]:
+            if held is not None:
+                held.release()
+        raise
     try:
         outbox, inbox = trio.open_memory_channel[Message](MAILBOX_SIZE)
         restart_policy = policy or RestartPolicy()
@@ -362,3 +383,5 @@ async def open_budget(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close, limiter=limiter)
+        if spill_file is not None:
+            spill_file.release()

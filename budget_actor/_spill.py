@@ -11,11 +11,19 @@ A crash in the middle of an append can leave a torn last line. Its entries
 were never acknowledged (the ``fsync`` had not returned), so :meth:`SpillFile.open`
 cuts the file back to its last complete line.
 
+A spill file belongs to one live process at a time: :meth:`SpillFile.lock`
+takes an exclusive ``flock`` that the kernel releases however the process
+dies. Instances sharing a PostgreSQL budget from one working directory each
+claim a slot of their own (:func:`claim`), and a starting instance drains
+every slot that no live process holds, so a crashed instance's acknowledged
+costs reach the store even if it never comes back under the same name.
+
 Every method blocks: call them from the persister's worker thread.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Sequence
@@ -36,11 +44,33 @@ class SpillFile:
         self.path = Path(path)
         #: Entries in the file (waiting for the store).
         self.count = 0
+        self._lock_fd: int | None = None
+
+    def lock(self) -> bool:
+        """Take the file for this process; False if a live process holds it."""
+        if self._lock_fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def open(self) -> None:
         """Create the file if needed, drop a torn tail, count the entries."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        existed = self.path.exists()
+        # A file just created (here or by lock()) needs its directory entry
+        # synced too; one fsync at startup is cheap enough to always do it.
+        existed = False
         with open(self.path, "a+b") as f:
             f.seek(0)
             data = f.read()
@@ -98,6 +128,39 @@ class SpillFile:
             f.truncate(0)
             _fsync(f.fileno())
         self.count = 0
+
+
+# Instances sharing one working directory and database; more than this many
+# at once is a deployment that should give each its own --spill path.
+MAX_SLOTS = 64
+
+
+def slot(base: Path, n: int) -> Path:
+    """The ``n``-th spill file of a base path (1 is the base itself)."""
+    return base if n == 1 else base.with_name(f"{base.stem}-{n}{base.suffix}")
+
+
+def claim(base: Path) -> tuple[SpillFile, list[SpillFile]]:
+    """This process's spill file: the first slot of ``base`` that no live
+    process holds, locked; and every other existing slot that no live process
+    holds (left by processes that died), locked too, to be drained and
+    released. Raises ``OSError`` when every slot is taken."""
+    mine: SpillFile | None = None
+    orphans: list[SpillFile] = []
+    for n in range(1, MAX_SLOTS + 1):
+        path = slot(base, n)
+        if mine is not None and not path.exists():
+            continue
+        candidate = SpillFile(path)
+        if not candidate.lock():
+            continue
+        if mine is None:
+            mine = candidate
+        else:
+            orphans.append(candidate)
+    if mine is None:
+        raise OSError(f"all {MAX_SLOTS} spill files beside {base} are in use")
+    return mine, orphans
 
 
 def _fsync(fd: int) -> None:

@@ -34,8 +34,10 @@ from ._records import (
     PATCH_TYPE,
     Alert,
     JournalEntry,
+    Others,
     Restored,
     Snapshot,
+    WriteResult,
 )
 
 
@@ -52,6 +54,10 @@ class Store(ABC):
     location: str
     #: Parameter marker of the driver.
     _P: str = "%s"
+    #: True when several instances share this store's budget (PostgreSQL).
+    shared: bool = False
+    #: This service's instance id, when shared.
+    instance: str | None = None
 
     def __init__(self) -> None:
         self._conn: Any = None
@@ -120,7 +126,7 @@ class Store(ABC):
         patches: Sequence[Snapshot],
         nudges: Sequence[Alert],
         now: datetime,
-    ) -> set[str]:
+    ) -> WriteResult:
         """Write a batch in one transaction; all of it or none of it.
 
         ``entries`` may come pre-encoded as a :class:`JournalBatch` (the
@@ -129,12 +135,16 @@ class Store(ABC):
         Journal entries already present (same seq, or same day and dispatch
         id) are skipped, which makes a retried or re-drained batch harmless.
         For patches, the last snapshot of each day in ``patches`` wins.
-        Returns the names of the nudge rows that this call inserted; a nudge
-        whose row already existed is not written again.
+        A nudge whose row already exists is not written again; the result
+        says which were inserted (see :class:`WriteResult`).
         Raises :class:`StoreError`.
         """
-        inserted: set[str] = self._run(lambda cur: self._write(cur, entries, patches, nudges, now))
-        return inserted
+        result: WriteResult = self._run(lambda cur: self._write(cur, entries, patches, nudges, now))
+        return result
+
+    def others(self, day: str) -> Others:
+        """The other instances' durable totals of ``day`` (shared stores only)."""
+        raise StoreError(f"{self.kind}: this store is not shared")
 
     def get_patch(self, type_: str, name: str) -> dict[str, Any] | None:
         """The body of one ``quilt_patches`` row, or None."""
@@ -226,37 +236,45 @@ class Store(ABC):
         patches: Sequence[Snapshot],
         nudges: Sequence[Alert],
         now: datetime,
-    ) -> set[str]:
-        p = self._P
+    ) -> WriteResult:
+        result = WriteResult()
         batch = entries if isinstance(entries, JournalBatch) else JournalBatch.of(entries)
         if batch.count:
             # One statement for the whole batch, its rows as one JSON array
             # encoded by msgspec in C: the worker thread then does almost no
             # Python work per cost, and holds the GIL (which the event loop
             # needs) for microseconds instead of once per row.
-            cur.execute(self._journal_insert(), (batch.json,))
+            self._insert_journal(cur, batch, result)
         latest: dict[str, Snapshot] = {}
         for snap in patches:
             latest[snap.day] = snap
-        j = self._json_marker()
         stamp = self._time_param(now)
         for snap in latest.values():
-            cur.execute(
-                "INSERT INTO quilt_patches (type, name, body, created_at, updated_at)"
-                f" VALUES ({p}, {p}, {j}, {p}, {p}) ON CONFLICT (type, name)"
-                " DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
-                (PATCH_TYPE, snap.patch_name, self._json_param(snap.body()), stamp, stamp),
-            )
-        inserted: set[str] = set()
+            self._upsert_patch(cur, snap, stamp)
         for alert in nudges:
-            cur.execute(
-                "INSERT INTO quilt_patches (type, name, body, created_at, updated_at)"
-                f" VALUES ({p}, {p}, {j}, {p}, {p}) ON CONFLICT (type, name) DO NOTHING",
-                (NUDGE_TYPE, alert.nudge_name, self._json_param(alert.body()), stamp, stamp),
-            )
-            if cur.rowcount == 1:
-                inserted.add(alert.nudge_name)
-        return inserted
+            result.nudges[alert.nudge_name] = self._insert_nudge(cur, alert, stamp)
+        return result
+
+    def _insert_journal(self, cur: Any, batch: JournalBatch, result: WriteResult) -> None:
+        cur.execute(self._journal_insert(), (batch.json,))
+
+    def _upsert_patch(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
+        p, j = self._P, self._json_marker()
+        cur.execute(
+            "INSERT INTO quilt_patches (type, name, body, created_at, updated_at)"
+            f" VALUES ({p}, {p}, {j}, {p}, {p}) ON CONFLICT (type, name)"
+            " DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+            (PATCH_TYPE, snap.patch_name, self._json_param(snap.body()), stamp, stamp),
+        )
+
+    def _insert_nudge(self, cur: Any, alert: Alert, stamp: Any) -> str:
+        p, j = self._P, self._json_marker()
+        cur.execute(
+            "INSERT INTO quilt_patches (type, name, body, created_at, updated_at)"
+            f" VALUES ({p}, {p}, {j}, {p}, {p}) ON CONFLICT (type, name) DO NOTHING",
+            (NUDGE_TYPE, alert.nudge_name, self._json_param(alert.body()), stamp, stamp),
+        )
+        return "inserted" if cur.rowcount == 1 else "exists"
 
     def _entries(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
         p = self._P
@@ -265,20 +283,20 @@ class Store(ABC):
             f" output_tokens FROM budget_journal WHERE day = {p} AND seq > {p} ORDER BY seq",
             (day, after_seq),
         )
-        return [
-            JournalEntry(
-                seq=int(r[0]),
-                day=str(r[1]),
-                dispatch_id=str(r[2]),
-                usd=Decimal(str(r[3])),
-                at=self._read_time(r[4]),
-                model=r[5],
-                agent=r[6],
-                input_tokens=r[7],
-                output_tokens=r[8],
-            )
-            for r in cur.fetchall()
-        ]
+        return [self._entry(r) for r in cur.fetchall()]
+
+    def _entry(self, r: Any) -> JournalEntry:
+        return JournalEntry(
+            seq=int(r[0]),
+            day=str(r[1]),
+            dispatch_id=str(r[2]),
+            usd=Decimal(str(r[3])),
+            at=self._read_time(r[4]),
+            model=r[5],
+            agent=r[6],
+            input_tokens=r[7],
+            output_tokens=r[8],
+        )
 
     def _load(self, cur: Any, day: str) -> Restored:
         p = self._P
@@ -289,8 +307,41 @@ class Store(ABC):
         row = cur.fetchone()
         patch = None if row is None else Snapshot.from_body(self._read_body(row[0]))
         entries = self._entries(cur, day, patch.seq if patch else -1)
+        return self._restored(cur, day, patch, entries)
+
+    def _restored(
+        self,
+        cur: Any,
+        day: str,
+        patch: Snapshot | None,
+        entries: list[JournalEntry],
+        others: Others | None = None,
+    ) -> Restored:
+        """The rest of a :class:`Restored`: dedupe ids, sent alerts, max seq."""
+        p = self._P
         cur.execute(f"SELECT dispatch_id, seq FROM budget_journal WHERE day = {p}", (day,))
         ids = {str(r[0]): int(r[1]) for r in cur.fetchall()}
+        sent, forecast_sent = self._sent(cur, day)
+        cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_journal")
+        max_seq = int(cur.fetchone()[0])
+        if patch is not None:
+            max_seq = max(max_seq, patch.seq)
+        return Restored(
+            day=day,
+            patch=patch,
+            entries=tuple(entries),
+            dispatch_ids=ids,
+            alerts_sent=frozenset(sent),
+            forecast_sent=forecast_sent,
+            max_seq=max_seq,
+            instance=self.instance if self.shared else None,
+            others=others,
+        )
+
+    def _sent(self, cur: Any, day: str) -> tuple[set[Decimal], bool]:
+        """Thresholds of ``day`` whose nudge row exists, and whether the
+        forecast nudge does."""
+        p = self._P
         prefix = f"budget_alert_{day}_"
         cur.execute(
             f"SELECT name FROM quilt_patches WHERE type = {p} AND name LIKE {p}",
@@ -306,31 +357,21 @@ class Store(ABC):
             f"SELECT count(*) FROM quilt_patches WHERE type = {p} AND name = {p}",
             (NUDGE_TYPE, f"budget_forecast_{day}"),
         )
-        forecast_sent = int(cur.fetchone()[0]) > 0
-        cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_journal")
-        max_seq = int(cur.fetchone()[0])
-        if patch is not None:
-            max_seq = max(max_seq, patch.seq)
-        return Restored(
-            day=day,
-            patch=patch,
-            entries=tuple(entries),
-            dispatch_ids=ids,
-            alerts_sent=frozenset(sent),
-            forecast_sent=forecast_sent,
-            max_seq=max_seq,
-        )
+        return sent, int(cur.fetchone()[0]) > 0
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, instance: str | None = None) -> Store:
     """A store for ``url`` (``sqlite:///PATH`` or ``postgresql://…``), not yet opened.
+
+    ``instance`` names this service among those sharing a PostgreSQL budget
+    (default: host name and process id); SQLite ignores it.
 
     Raises :class:`StoreError` for a URL of an unknown kind.
     """
     if url.startswith(("postgresql://", "postgres://")):
         from ._store_postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, instance)
     if url.startswith("sqlite:///"):
         from ._store_sqlite import SqliteStore
 

@@ -14,8 +14,17 @@ from typing import Literal
 import msgspec
 
 
-class Spend(msgspec.Struct, frozen=True, kw_only=True, tag="spend", tag_field="type"):
-    """The day's spend, as pushed to subscribers."""
+class Spend(
+    msgspec.Struct, frozen=True, kw_only=True, tag="spend", tag_field="type", omit_defaults=True
+):
+    """The day's spend, as pushed to subscribers.
+
+    When several instances share the budget (PostgreSQL), ``daily_spend`` and
+    ``dispatches`` are global (this instance's live figures plus the others'
+    as last synced) and ``instance``, ``instance_spend`` and
+    ``instance_dispatches`` give this instance's own share; alone (SQLite)
+    those three are omitted.
+    """
 
     day: str
     daily_spend: Decimal
@@ -24,6 +33,9 @@ class Spend(msgspec.Struct, frozen=True, kw_only=True, tag="spend", tag_field="t
     utilization: float
     dispatches: int
     seq: int
+    instance: str | None = None
+    instance_spend: Decimal | None = None
+    instance_dispatches: int | None = None
 
 
 class AlertNotice(msgspec.Struct, frozen=True, kw_only=True, tag="alert", tag_field="type"):
@@ -95,6 +107,15 @@ class Health(
     # The last store commit's duration, and how far behind the store is.
     persist_latency_s: float
     store_lag_s: float
+    # Shared budget only (omitted when alone): this instance's id and share,
+    # the number of instances with a share today (this one included), and
+    # the age of the last read of the others' totals (the staleness bound of
+    # daily_spend is this plus the others' commit latency).
+    instance: str | None = None
+    instance_spend: Decimal | None = None
+    instance_dispatches: int | None = None
+    instances: int | None = None
+    sync_age_s: float | None = None
     # Echo of the request's ``id``; omitted when the request had none.
     id: str | None = None
 

@@ -74,10 +74,17 @@ def test_round_trip_restores_patch_plus_later_journal(store: Store) -> None:
     store.write(entries[:2], [_snapshot(2, "0.3")], [], T0)
     store.write(entries[2:], [], [], T0)
     restored = store.load(DAY)
-    assert restored.patch == _snapshot(2, "0.3")
-    assert [e.dispatch_id for e in restored.entries] == ["c"]
-    assert restored.entries[0].usd == Decimal("0.000000000001")
-    assert restored.entries[0].model == "m" and restored.entries[0].at == T0
+    if store.shared:
+        # PostgreSQL restores this instance's share, kept exact with its rows.
+        assert restored.patch is not None and restored.entries == ()
+        assert restored.patch.daily_spend == Decimal("0.300000000001")
+        assert (restored.patch.dispatches, restored.patch.cycle_count) == (3, 10)
+        assert restored.others is not None and restored.others.spend == 0
+    else:
+        assert restored.patch == _snapshot(2, "0.3")
+        assert [e.dispatch_id for e in restored.entries] == ["c"]
+        assert restored.entries[0].usd == Decimal("0.000000000001")
+        assert restored.entries[0].model == "m" and restored.entries[0].at == T0
     assert restored.dispatch_ids == {"a": 1, "b": 2, "c": 3}
     assert restored.max_seq == 3
     assert [e.usd for e in store.journal(DAY)] == [Decimal("0.1"), Decimal("0.2"), entries[2].usd]
@@ -100,9 +107,12 @@ def test_rewriting_a_batch_is_harmless(store: Store) -> None:
 def test_patch_upsert_keeps_created_at_and_last_snapshot_wins(
     database_url: str, store: Store
 ) -> None:
-    store.write([], [_snapshot(1, "1")], [], T0)
+    # The costs go with the patches: PostgreSQL sums the patch from them,
+    # SQLite takes the last snapshot; both must come to the same body.
+    store.write([_entry(1, "a", "1")], [_snapshot(1, "1")], [], T0)
     later = T0 + timedelta(minutes=5)
-    store.write([], [_snapshot(2, "2"), _snapshot(3, "3.5")], [], later)
+    costs = [_entry(2, "b", "1"), _entry(3, "c", "1.5")]
+    store.write(costs, [_snapshot(2, "2"), _snapshot(3, "3.5")], [], later)
     body = store.get_patch("budget", f"budget_{DAY}")
     assert body == {
         "date": DAY,
@@ -124,8 +134,11 @@ def test_patch_upsert_keeps_created_at_and_last_snapshot_wins(
 
 
 def test_nudge_row_is_written_once(database_url: str, store: Store) -> None:
-    assert store.write([], [], [_alert()], T0) == {f"budget_alert_{DAY}_80"}
-    assert store.write([], [], [_alert()], T0 + timedelta(hours=1)) == set()
+    store.write([_entry(1, "a", "8.5")], [], [], T0)
+    first = store.write([], [], [_alert()], T0)
+    assert first.nudges == {f"budget_alert_{DAY}_80": "inserted"}
+    again = store.write([], [], [_alert()], T0 + timedelta(hours=1))
+    assert again.nudges == {f"budget_alert_{DAY}_80": "exists"} and again.inserted == set()
     body = store.get_patch("sibling_nudge", f"budget_alert_{DAY}_80")
     assert body == {
         "to": "AG Lu",
@@ -140,7 +153,7 @@ def test_nudge_row_is_written_once(database_url: str, store: Store) -> None:
 
 
 def test_fractional_percent_names_round_trip(store: Store) -> None:
-    store.write([], [], [_alert("0.955")], T0)
+    store.write([_entry(1, "a", "9.6")], [], [_alert("0.955")], T0)
     assert store.get_patch("sibling_nudge", f"budget_alert_{DAY}_95.5") is not None
     assert store.load(DAY).alerts_sent == frozenset({Decimal("0.955")})
 
@@ -159,7 +172,7 @@ def test_rows_it_does_not_own_are_left_alone(database_url: str, store: Store) ->
         else:
             with psycopg.connect(database_url) as conn:
                 conn.execute(sql)
-    store.write([], [_snapshot(1, "1")], [_alert()], T0)
+    store.write([_entry(1, "a", "8")], [_snapshot(1, "1")], [_alert()], T0)
     assert store.load(DAY).alerts_sent == frozenset({Decimal("0.8")})
     assert store.get_patch("note", "budget_2026-12-01") == {"x": 1}
     assert store.get_patch("sibling_nudge", "hello") == {"y": 2}
@@ -216,10 +229,15 @@ def test_a_second_instance_on_one_sqlite_file_is_refused(sqlite_url: str) -> Non
     second.close()
 
 
-def test_a_second_instance_on_one_postgres_schema_is_refused(pg_url: str) -> None:
-    first = open_store(pg_url)
+def test_a_second_instance_with_the_same_id_on_one_postgres_schema_is_refused(
+    pg_url: str,
+) -> None:
+    first = open_store(pg_url, "one")
     first.open()
-    second = open_store(pg_url)
+    other = open_store(pg_url, "two")
+    other.open()  # another id shares the budget
+    other.close()
+    second = open_store(pg_url, "one")
     with pytest.raises(StoreError, match="in use by another budget-actor"):
         second.open()
     reader = open_store(pg_url)

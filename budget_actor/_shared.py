@@ -1,0 +1,153 @@
+"""Several instances, one daily budget (PostgreSQL): the coordinator.
+
+Every ``budget-actor serve`` on one PostgreSQL schema is an *instance* with an
+id of its own (``--instance-id``, default host name and process id). The store
+keeps, per day and instance, a *share* row (``budget_shares``): the exact sum
+of that instance's journal rows, updated in the same transaction as the rows.
+The global daily spend is the sum of the shares; see ``docs/scaling.md``.
+
+The coordinator is a child task of the budget actor with a connection of its
+own, so that it never waits behind the persister's writes. It does two things:
+
+* **sync**: every ``sync_interval_s`` it reads the other instances' totals in
+  one snapshot and sends them to the actor as :class:`Synced`. The actor adds
+  its own live figures, so an instance's view of the global spend is at most
+  one interval (plus a query, plus the others' commit latency) old.
+* **admit**: an ``admit`` must reserve against the *global* cap atomically, so
+  the actor hands it here and the store decides it under a per-day advisory
+  lock (:meth:`PostgresStore.admit`). The answer comes with fresh totals.
+
+If the store cannot be reached, sync keeps the last view (health shows its
+age in ``sync_age_s``) and ``admit`` is refused: an instance that cannot see
+the others must not hand out budget that they may have spent.
+
+Pending admissions live in :class:`AdmitQueue`, which outlives a restarted
+coordinator; a retried admission is harmless (it replaces its own reservation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+
+import trio
+
+from ._config import BudgetConfig
+from ._messages import Admit, Message, Synced
+from ._store import StoreError
+from ._store_postgres import PostgresStore
+from ._views import Admission
+
+log = logging.getLogger("budget_actor.shared")
+
+# A store outage would otherwise log a failed sync five times a second.
+FAILURE_LOG_EVERY_S = 10.0
+
+
+class AdmitQueue:
+    """Admissions waiting for the coordinator; survives its restarts."""
+
+    def __init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel[Admit](math.inf)
+        self.current: Admit | None = None
+
+    def put(self, admit: Admit) -> None:
+        self.send.send_nowait(admit)
+
+    def pending(self) -> list[Admit]:
+        """Every admission not answered (to fail them when the actor ends)."""
+        waiting = [] if self.current is None else [self.current]
+        self.current = None
+        while True:
+            try:
+                waiting.append(self.recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return waiting
+
+
+class Coordinator:
+    def __init__(
+        self,
+        store: PostgresStore,
+        config: BudgetConfig,
+        queue: AdmitQueue,
+        day: Callable[[], str],
+        report: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.queue = queue
+        self.day = day
+        self.report = report
+        # One query at a time on the coordinator's own connection.
+        self.limiter = trio.CapacityLimiter(1)
+        self._failed_at = -math.inf
+
+    async def run(self) -> None:
+        """Sync and admit until cancelled. Store errors are handled here (logged,
+        retried next interval; an admission is refused), so only a bug restarts
+        the coordinator. Its connection closes when it ends."""
+        try:
+            await self._run()
+        finally:
+            self.store.close()
+
+    async def _run(self) -> None:
+        queue = self.queue
+        next_sync = trio.current_time()
+        while True:
+            if queue.current is None:
+                with trio.move_on_at(next_sync):
+                    queue.current = await queue.recv.receive()
+            admit = queue.current
+            if admit is not None:
+                await self._admit(admit)
+                queue.current = None
+            else:
+                await self._sync()
+            next_sync = trio.current_time() + self.config.sync_interval_s
+
+    async def _sync(self) -> None:
+        at = trio.current_time()
+        try:
+            others = await trio.to_thread.run_sync(
+                self.store.others, self.day(), limiter=self.limiter
+            )
+        except StoreError as exc:
+            self._log_failure("sync", exc)
+            return
+        await self.report(Synced(others, at))
+
+    async def _admit(self, admit: Admit) -> None:
+        at = trio.current_time()
+        try:
+            admission, others = await trio.to_thread.run_sync(
+                self.store.admit,
+                self.day(),
+                admit.dispatch_id,
+                admit.estimate,
+                self.config.daily_cap,
+                self.config.reservation_ttl_s,
+                limiter=self.limiter,
+            )
+        except StoreError as exc:
+            self._log_failure("admit", exc)
+            admit.reply.set(
+                Admission(
+                    dispatch_id=admit.dispatch_id,
+                    allowed=False,
+                    remaining=Decimal(0),
+                    reason=f"the shared budget cannot be checked: {exc}",
+                )
+            )
+            return
+        admit.reply.set(admission)
+        await self.report(Synced(others, at))
+
+    def _log_failure(self, what: str, exc: StoreError) -> None:
+        now = trio.current_time()
+        if now - self._failed_at >= FAILURE_LOG_EVERY_S:
+            self._failed_at = now
+            log.warning("%s against the shared budget failed: %s", what, exc)
