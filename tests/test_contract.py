@@ -913,10 +913,13 @@ BAD_OPTIONS = [
     ["--timezone", "Mars/Olympus_Mons"],
     ["--port", "abc"],
     ["--no-such-option"],
+    ["--instance-id", "has space"],
+    ["--sync-interval", "0"],
 ]
 BAD_ENVIRONMENTS = [
     {"BUDGET_DAILY_CAP": "abc"},
     {"BUDGET_PORT": "abc"},
+    {"BUDGET_SYNC_INTERVAL": "soon"},
 ]
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from budget_actor._config import make_config
 from budget_actor._ledger import AlertDue, Ledger, PatchDue, day_of
-from budget_actor._records import JournalEntry, Restored, Snapshot
+from budget_actor._records import JournalEntry, Others, Restored, Snapshot
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 CONFIG = make_config(daily_cap="10.00", alert_at="0.5,0.8", persist_every=3)
@@ -265,3 +265,114 @@ def test_daily_spend_is_the_exact_sum_of_accepted_costs(
     today = ledger.day
     reached = {t for t in config.alert_at if expected.get(today, Decimal(0)) >= t * 100}
     assert set(alerts.get(today, [])) == reached
+
+
+# -- a shared budget (several instances, see _shared.py) -----------------------
+
+
+def _others(spend: str, dispatches: int = 1, day: str = "2026-12-01") -> Others:
+    return Others(day=day, spend=Decimal(spend), dispatches=dispatches, cycles=4, instances=2)
+
+
+def _shared_ledger() -> Ledger:
+    return Ledger(CONFIG, T0, instance="b")
+
+
+def test_shared_views_are_global_with_the_own_share_beside_them() -> None:
+    ledger = _shared_ledger()
+    ledger.record(T0, "mine", Decimal("1.25"))
+    ledger.synced(T0, _others("2.5", dispatches=3))
+    spend = ledger.spend()
+    assert (spend.daily_spend, spend.dispatches) == (Decimal("3.75"), 4)
+    assert (spend.instance, spend.instance_spend, spend.instance_dispatches) == (
+        "b",
+        Decimal("1.25"),
+        1,
+    )
+    health = ledger.health(T0, store="postgresql", subscribers=0, uptime_s=0, sync_age_s=0.1)
+    assert (health.daily_spend, health.remaining, health.instances) == (
+        Decimal("3.75"),
+        Decimal("6.25"),
+        3,
+    )
+    assert health.cycle_count == 4 and health.instance_spend == Decimal("1.25")
+    # Own costs keep adding to the global figure between syncs.
+    ledger.record(T0, "more", Decimal("0.25"))
+    assert ledger.spend().daily_spend == Decimal("4.00")
+
+
+def test_alone_the_instance_fields_are_omitted() -> None:
+    spend = Ledger(CONFIG, T0).spend()
+    assert spend.instance is None and spend.instance_spend is None
+
+
+def test_a_sync_that_crosses_a_threshold_makes_the_alert_due() -> None:
+    ledger = _shared_ledger()
+    ledger.record(T0, "mine", Decimal("1"))
+    effects = ledger.synced(T0, _others("7"))
+    alerts = [e.alert for e in effects if isinstance(e, AlertDue)]
+    assert [a.threshold for a in alerts] == [Decimal("0.5"), Decimal("0.8")]
+    assert alerts[0].daily_spend == Decimal("8")
+    assert ledger.synced(T0, _others("7.5")) == []  # once
+
+
+def test_a_sync_of_another_day_is_ignored() -> None:
+    ledger = _shared_ledger()
+    before = ledger.version
+    assert ledger.synced(T0, _others("9", day="2026-11-30")) == []
+    assert ledger.spend().daily_spend == 0 and ledger.version == before
+
+
+def test_uncount_takes_a_cross_instance_duplicate_back_out() -> None:
+    ledger = _shared_ledger()
+    first = ledger.record(T0, "x", Decimal("2"))
+    ledger.synced(T0, _others("1"))
+    before = ledger.version
+    ledger.uncount("2026-12-01", "x", Decimal("2"), original_seq=7)
+    assert (ledger.spend().daily_spend, ledger.spend().instance_dispatches) == (Decimal("1"), 0)
+    assert ledger.version > before and ledger.duplicates == 1
+    again = ledger.record(T0, "x", Decimal("2"))
+    assert (again.duplicate, again.seq) == (True, 7) and first.seq != 7
+
+
+def test_a_withdrawn_alert_is_armed_again_and_rechecked() -> None:
+    ledger = _shared_ledger()
+    crossed = ledger.record(T0, "x", Decimal("8")).effects
+    (alert,) = [
+        e.alert for e in crossed if isinstance(e, AlertDue) and e.alert.threshold == Decimal("0.8")
+    ]
+    ledger.uncount("2026-12-01", "x", Decimal("8"), original_seq=3)
+    assert ledger.withdraw(T0, alert) == []  # 0 now: armed, not due
+    assert ledger.health(T0, store="p", subscribers=0, uptime_s=0).alerts_sent == (0.5,)
+    again = ledger.record(T0, "y", Decimal("8.5")).effects
+    assert [e.alert.threshold for e in again if isinstance(e, AlertDue)] == [Decimal("0.8")]
+
+
+def test_restore_of_a_shared_instance_keeps_the_others_apart() -> None:
+    own = Snapshot(
+        day="2026-12-01",
+        daily_spend=Decimal("1.5"),
+        daily_cap=Decimal(0),
+        cycle_count=2,
+        dispatches=3,
+        alerts_sent=(),
+        seq=9,
+    )
+    restored = Restored(
+        day="2026-12-01",
+        patch=own,
+        entries=(),
+        dispatch_ids={"a": 1},
+        alerts_sent=frozenset(),
+        max_seq=20,
+        instance="b",
+        others=_others("6.5", dispatches=5),
+    )
+    ledger, effects = Ledger.restore(CONFIG, T0, restored)
+    spend = ledger.spend()
+    assert (spend.daily_spend, spend.instance_spend, spend.dispatches) == (Decimal("8"), 1.5, 8)
+    # 8.00 of 10 crossed 0.5 and 0.8 with no nudge rows: both are due now.
+    assert [e.alert.threshold for e in effects if isinstance(e, AlertDue)] == [
+        Decimal("0.5"),
+        Decimal("0.8"),
+    ]

@@ -10,6 +10,10 @@ from pathlib import Path
 import trio
 
 from budget_actor import Budget, make_config, open_budget
+from budget_actor._records import JournalEntry
+from budget_actor._service import default_spill_path
+from budget_actor._spill import SpillFile, claim, slot
+from budget_actor._store import open_store
 
 from ._helpers import eventually, rows
 from ._proxy import CuttableProxy, target_of
@@ -202,3 +206,41 @@ async def test_spilled_costs_of_an_earlier_day_rebuild_its_patch(
     assert body is not None
     assert (body["daily_spend"], body["dispatches"], body["seq"]) == ("2.00", 3, 3)
     assert body["cycle_count"] == 10
+
+
+def test_live_processes_get_spill_files_of_their_own(tmp_path: Path) -> None:
+    base = tmp_path / "budget-x.spill"
+    first, none = claim(base)
+    second, _ = claim(base)
+    assert first.path == base and second.path != base and none == []
+    second.release()
+    first.release()
+
+
+async def test_a_dead_instances_spill_file_is_drained_by_whoever_starts(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Instance "two" spilled acknowledged costs and never came back; the next
+    instance to start on the same database and directory writes them."""
+    base = default_spill_path(open_store(pg_url))
+    mine, _ = claim(base)  # "one" is alive and holds the first slot
+    dead = SpillFile(slot(base, 2))
+    dead.open()
+    dead.append([_spilled("lost-1", "0.5"), _spilled("lost-2", "0.25")])
+    async with open_budget(CONFIG, database=pg_url, instance="three", spill=True) as budget:
+        await budget.health()
+    mine.release()
+    assert rows(pg_url, "SELECT count(*), sum(usd) FROM budget_journal") == [(2, Decimal("0.75"))]
+    assert dead.read() == []  # drained, and its entries are in the store once
+
+
+def _spilled(dispatch_id: str, usd: str) -> JournalEntry:
+    from datetime import UTC, datetime
+
+    return JournalEntry(
+        seq=1 if dispatch_id.endswith("1") else 2,
+        day=datetime.now(UTC).date().isoformat(),
+        dispatch_id=dispatch_id,
+        usd=Decimal(usd),
+        at=datetime.now(UTC),
+    )

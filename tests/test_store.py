@@ -13,6 +13,7 @@ import pytest
 from budget_actor import StoreError, open_store
 from budget_actor._records import Alert, JournalEntry, Snapshot
 from budget_actor._store import Store
+from budget_actor._store_postgres import PostgresStore
 
 T0 = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 DAY = "2026-12-01"
@@ -246,3 +247,134 @@ def test_a_second_instance_with_the_same_id_on_one_postgres_schema_is_refused(
     first.close()
     second.open()  # the lock went with the first one's connection
     second.close()
+
+
+# -- PostgreSQL: instances sharing one budget ---------------------------------
+
+
+@pytest.fixture
+def pair(pg_url: str) -> Any:
+    """Two instances' stores on one schema."""
+    a, b = PostgresStore(pg_url, "a"), PostgresStore(pg_url, "b")
+    a.open()
+    b.open()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _share(url: str, instance: str) -> tuple[Any, ...]:
+    found = _rows(
+        url,
+        "SELECT spend, dispatches FROM budget_shares"
+        f" WHERE day = '{DAY}' AND instance = '{instance}'",
+    )
+    return found[0] if found else (0, 0)
+
+
+def test_an_id_counted_by_another_instance_is_reported_not_counted(
+    pg_url: str, pair: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = pair
+    assert a.write([_entry(5, "x", "1")], [], [], T0).duplicates == {}
+    result = b.write([_entry(9, "x", "2"), _entry(10, "y", "0.5")], [], [], T0)
+    assert result.duplicates == {9: 5}
+    assert _share(pg_url, "a") == (Decimal("1"), 1)
+    assert _share(pg_url, "b") == (Decimal("0.5"), 1)
+    assert b.others(DAY).spend == Decimal("1") and a.others(DAY).spend == Decimal("0.5")
+
+
+def test_a_retried_batch_is_neither_a_duplicate_nor_counted_twice(
+    pg_url: str, pair: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, _b = pair
+    batch = [_entry(1, "x", "1"), _entry(2, "y", "2")]
+    a.write(batch, [], [], T0)
+    assert a.write(batch, [], [], T0).duplicates == {}
+    assert _share(pg_url, "a") == (Decimal("3"), 2)
+
+
+def test_both_instances_may_use_the_same_seq(pair: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = pair
+    a.write([_entry(1, "x", "1")], [], [], T0)
+    assert b.write([_entry(1, "y", "2")], [], [], T0).duplicates == {}
+    assert sorted(e.dispatch_id for e in a.journal(DAY)) == ["x", "y"]
+
+
+def test_the_patch_is_the_sum_of_every_share(pair: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = pair
+    a.write([_entry(1, "x", "1.25")], [_snapshot(1, "1.25", cycles=3)], [], T0)
+    b.write([_entry(1, "y", "2.5"), _entry(2, "z", "0.01")], [], [], T0)
+    b.write([], [_snapshot(2, "2.51", cycles=4)], [], T0)  # b's own figures are not the patch
+    body = b.get_patch("budget", f"budget_{DAY}")
+    assert body is not None
+    assert (body["daily_spend"], body["dispatches"], body["cycle_count"]) == ("3.76", 3, 7)
+
+
+def test_a_nudge_needs_the_shared_spend_to_reach_its_threshold(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = pair
+    a.write([_entry(1, "x", "5")], [], [], T0)
+    assert b.write([], [], [_alert()], T0).nudges == {f"budget_alert_{DAY}_80": "premature"}
+    b.write([_entry(1, "y", "3")], [], [], T0)  # 8.00 of 10: 80% reached, all instances
+    assert b.write([], [], [_alert()], T0).inserted == {f"budget_alert_{DAY}_80"}
+    assert a.write([], [], [_alert()], T0).nudges == {f"budget_alert_{DAY}_80": "exists"}
+
+
+def test_admission_is_decided_against_every_instance(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = pair
+    cap = Decimal("10")
+    a.write([_entry(1, "spent", "3")], [], [], T0)
+    first, others = b.admit(DAY, "d1", Decimal("5"), cap, 600)
+    assert (first.allowed, first.remaining) == (True, Decimal("2"))
+    assert others.reserved == Decimal("5") and others.spend == Decimal("3")
+    refused, _ = a.admit(DAY, "d2", Decimal("2.01"), cap, 600)
+    assert not refused.allowed and refused.remaining == Decimal("2")
+    assert "all instances" in (refused.reason or "")
+    # d1's cost settles its reservation, on any instance, at its real cost.
+    a.write([_entry(2, "d1", "4")], [], [], T0)
+    fits, _ = a.admit(DAY, "d2", Decimal("3"), cap, 600)
+    assert (fits.allowed, fits.remaining) == (True, Decimal("0"))
+    counted, _ = b.admit(DAY, "d1", Decimal("0.01"), cap, 600)
+    assert not counted.allowed and "already counted" in (counted.reason or "")
+
+
+def test_an_expired_reservation_frees_the_shared_cap(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    import time
+
+    a, b = pair
+    held, _ = a.admit(DAY, "d1", Decimal("9"), Decimal("10"), 0.2)
+    assert held.allowed
+    refused, _ = b.admit(DAY, "d2", Decimal("9"), Decimal("10"), 0.2)
+    assert not refused.allowed
+    time.sleep(0.3)
+    later, others = b.admit(DAY, "d2", Decimal("9"), Decimal("10"), 600)
+    assert later.allowed and others.reserved == Decimal("9")
+
+
+def test_a_journal_from_before_sharing_is_migrated_without_loss(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE budget_journal (seq bigint PRIMARY KEY, day text NOT NULL,"
+            " dispatch_id text NOT NULL, usd numeric NOT NULL, recorded_at timestamptz NOT NULL,"
+            " model text, agent text, input_tokens bigint, output_tokens bigint,"
+            " UNIQUE (day, dispatch_id))"
+        )
+        conn.execute(
+            "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at) VALUES"
+            f" (1, '{DAY}', 'old1', 0.5, now()), (2, '{DAY}', 'old2', 0.25, now())"
+        )
+    store = open_store(pg_url, "new")
+    store.open()
+    try:
+        assert store.others(DAY).spend == Decimal("0.75")
+        assert store.write([_entry(1, "old1", "9")], [], [], T0).duplicates == {1: 1}
+        assert store.write([_entry(2, "fresh", "1")], [], [], T0).duplicates == {}
+        assert store.load(DAY).max_seq == 2
+    finally:
+        store.close()
