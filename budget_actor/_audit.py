@@ -12,6 +12,38 @@ from ._money import add, sub
 from ._records import JournalEntry, Snapshot
 
 
+class ShareCheck(msgspec.Struct, frozen=True, kw_only=True):
+    """One instance's share of a day, checked two ways (shared PostgreSQL).
+
+    Its share row against all its journal rows: written in one transaction,
+    they must always agree. And the patch's record of the share against its
+    journal rows up to the seq that record names.
+    """
+
+    instance: str
+    share_spend: Decimal
+    share_dispatches: int
+    journal_spend: Decimal
+    journal_dispatches: int
+    # None when the patch does not name this instance (it started after).
+    patch_spend: Decimal | None = None
+    patch_dispatches: int | None = None
+    at_patch_spend: Decimal = Decimal(0)
+    at_patch_dispatches: int = 0
+
+    @property
+    def agrees(self) -> bool:
+        row = (self.share_spend, self.share_dispatches) == (
+            self.journal_spend,
+            self.journal_dispatches,
+        )
+        patched = self.patch_spend is None or (self.patch_spend, self.patch_dispatches) == (
+            self.at_patch_spend,
+            self.at_patch_dispatches,
+        )
+        return row and patched
+
+
 class Audit(msgspec.Struct, frozen=True, kw_only=True):
     day: str
     journal_spend: Decimal
@@ -27,6 +59,10 @@ class Audit(msgspec.Struct, frozen=True, kw_only=True):
     after_patch_spend: Decimal
     after_patch_dispatches: int
     duplicate_ids: tuple[str, ...]
+    # Shared budget (PostgreSQL): each instance's share against its journal.
+    # The patch is then the sum of the shares when it was written, so it may
+    # trail the journal (costs after it) but never exceed it.
+    shares: tuple[ShareCheck, ...] | None = None
 
     @property
     def difference(self) -> Decimal:
@@ -37,6 +73,11 @@ class Audit(msgspec.Struct, frozen=True, kw_only=True):
     def agrees(self) -> bool:
         if self.duplicate_ids:
             return False
+        if self.shares is not None:
+            totals = self.patch_spend is None or (
+                self.difference == 0 and self.patch_dispatches == self.at_patch_dispatches
+            )
+            return totals and all(share.agrees for share in self.shares)
         if self.patch_spend is None:
             # Nothing to compare yet: the first patch comes after
             # `persist_every` cycles, and the journal alone is consistent.
@@ -44,7 +85,13 @@ class Audit(msgspec.Struct, frozen=True, kw_only=True):
         return self.difference == 0 and self.patch_dispatches == self.at_patch_dispatches
 
 
-def audit(day: str, patch: Snapshot | None, entries: Sequence[JournalEntry]) -> Audit:
+def audit(
+    day: str,
+    patch: Snapshot | None,
+    entries: Sequence[JournalEntry],
+    shares: Sequence[ShareCheck] | None = None,
+) -> Audit:
+    """Recompute ``day`` from ``entries``; ``shares`` only for a shared store."""
     total = at_patch = Decimal(0)
     count = at_count = 0
     seen: set[str] = set()
@@ -60,6 +107,14 @@ def audit(day: str, patch: Snapshot | None, entries: Sequence[JournalEntry]) -> 
             at_count += 1
     if patch is None:
         at_patch, at_count = total, count
+    elif shares is not None:
+        # Seqs are per instance: the journal "at the patch" is the sum, over
+        # the instances the patch names, of each one's rows up to its seq.
+        at_patch, at_count = Decimal(0), 0
+        for share in shares:
+            if share.patch_spend is not None:
+                at_patch = add(at_patch, share.at_patch_spend)
+                at_count += share.at_patch_dispatches
     return Audit(
         day=day,
         journal_spend=total,
@@ -72,4 +127,5 @@ def audit(day: str, patch: Snapshot | None, entries: Sequence[JournalEntry]) -> 
         after_patch_spend=sub(total, at_patch),
         after_patch_dispatches=count - at_count,
         duplicate_ids=tuple(duplicates),
+        shares=None if shares is None else tuple(shares),
     )

@@ -363,6 +363,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from ._audit import audit
     from ._records import Snapshot
     from ._store import open_store
+    from ._store_postgres import PostgresStore
 
     try:
         zone = ZoneInfo(args.timezone)
@@ -386,6 +387,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             if progress:
                 print(f"reading the journal of {day}…", end="", file=sys.stderr, flush=True)
             entries = store.journal(day)
+            patch = Snapshot.from_body(body) if body is not None else None
+            shares = store.share_checks(day, patch) if isinstance(store, PostgresStore) else None
         finally:
             store.close()
     except StoreError as exc:
@@ -395,16 +398,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if progress:
         elapsed = time.monotonic() - started
         print(f"\r\x1b[Kread {len(entries)} costs in {elapsed:.1f}s", file=sys.stderr, flush=True)
-    patch = Snapshot.from_body(body) if body is not None else None
-    result = audit(day, patch, entries)
+    result = audit(day, patch, entries, shares)
     print(f"day                 {day}")
     print(f"journal             {result.journal_dispatches} costs, ${result.journal_spend}")
+    for share in result.shares or ():
+        mismatch = ""
+        if not share.agrees:
+            mismatch = (
+                f"  MISMATCH: journal ${share.journal_spend},"
+                f" patch ${share.patch_spend} vs journal ${share.at_patch_spend} at its seq"
+            )
+        print(
+            f"share {share.instance:<13} {share.share_dispatches} costs, ${share.share_spend}"
+            + mismatch
+        )
     if result.patch_spend is None:
         print("budget patch        none yet (written every --persist-every cycles)")
     else:
         print(
             f"budget patch        {result.patch_dispatches} costs, ${result.patch_spend}"
-            f" (through seq {result.patch_seq})"
+            + ("" if result.shares is not None else f" (through seq {result.patch_seq})")
         )
         print(f"journal at patch    {result.at_patch_dispatches} costs, ${result.at_patch_spend}")
         print(f"difference          ${result.difference}")

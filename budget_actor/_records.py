@@ -33,13 +33,17 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # Highest journal sequence number included in these totals; restore
     # replays only journal entries after it.
     seq: int
+    # Shared budget (PostgreSQL): the totals per instance that this patch
+    # sums, instance -> (spend, dispatches, highest seq of that instance),
+    # so that `verify` can check each against that instance's journal.
+    shares: dict[str, tuple[Decimal, int, int]] | None = None
 
     @property
     def patch_name(self) -> str:
         return f"budget_{self.day}"
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "date": self.day,
             "daily_spend": to_wire(self.daily_spend),
             "daily_cap": to_wire(self.daily_cap),
@@ -48,6 +52,12 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             "alerts_sent": [float(t) for t in self.alerts_sent],
             "seq": self.seq,
         }
+        if self.shares is not None:
+            body["shares"] = {
+                name: {"daily_spend": to_wire(spend), "dispatches": count, "seq": seq}
+                for name, (spend, count, seq) in sorted(self.shares.items())
+            }
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Snapshot:
@@ -59,6 +69,12 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             dispatches=int(body.get("dispatches", 0)),
             alerts_sent=tuple(Decimal(str(t)) for t in body.get("alerts_sent", ())),
             seq=int(body.get("seq", 0)),
+            shares=None
+            if "shares" not in body
+            else {
+                str(name): (Decimal(str(v["daily_spend"])), int(v["dispatches"]), int(v["seq"]))
+                for name, v in body["shares"].items()
+            },
         )
 
 

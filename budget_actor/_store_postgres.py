@@ -12,7 +12,8 @@ from typing import Any
 
 import psycopg
 
-from ._money import MONEY_CONTEXT, sub
+from ._audit import ShareCheck
+from ._money import MONEY_CONTEXT, add, sub
 from ._records import (
     NUDGE_TYPE,
     PATCH_TYPE,
@@ -274,20 +275,26 @@ class PostgresStore(Store):
             (snap.day,),
         )
         cur.execute(
-            "SELECT COALESCE(sum(spend), 0), COALESCE(sum(dispatches), 0),"
-            " COALESCE(sum(cycles), 0), COALESCE(max(seq), 0) FROM budget_shares WHERE day = %s",
+            "SELECT instance, spend, dispatches, cycles, seq FROM budget_shares WHERE day = %s",
             (snap.day,),
         )
-        spend, dispatches, cycles, seq = cur.fetchone()
+        shares: dict[str, tuple[Decimal, int, int]] = {}
+        spend, dispatches, cycles = Decimal(0), 0, 0
+        for name, share_spend, share_dispatches, share_cycles, share_seq in cur.fetchall():
+            shares[str(name)] = (Decimal(str(share_spend)), int(share_dispatches), int(share_seq))
+            spend = add(spend, Decimal(str(share_spend)))
+            dispatches += int(share_dispatches)
+            cycles += int(share_cycles)
         sent = set(snap.alerts_sent) | self._sent(cur, snap.day)[0]
         total = Snapshot(
             day=snap.day,
-            daily_spend=Decimal(str(spend)),
+            daily_spend=spend,
             daily_cap=snap.daily_cap,
-            cycle_count=int(cycles),
-            dispatches=int(dispatches),
+            cycle_count=cycles,
+            dispatches=dispatches,
             alerts_sent=tuple(sorted(sent)),
-            seq=int(seq),
+            seq=max((seq for _, _, seq in shares.values()), default=0),
+            shares=shares,
         )
         super()._upsert_patch(cur, total, stamp)
 
@@ -440,6 +447,50 @@ class PostgresStore(Store):
                 dispatch_id=dispatch_id, allowed=True, remaining=sub(available, estimate)
             )
         return admission, self._others(cur, day)
+
+    def share_checks(self, day: str, patch: Snapshot | None) -> list[ShareCheck]:
+        """Every instance's share of ``day`` beside its journal rows, and the
+        patch's record of that share beside its journal rows up to that seq."""
+        result: list[ShareCheck] = self._run(lambda cur: self._share_checks(cur, day, patch))
+        return result
+
+    def _share_checks(self, cur: Any, day: str, patch: Snapshot | None) -> list[ShareCheck]:
+        cur.execute("SELECT instance, spend, dispatches FROM budget_shares WHERE day = %s", (day,))
+        shares = {str(r[0]): (Decimal(str(r[1])), int(r[2])) for r in cur.fetchall()}
+        cur.execute(
+            "SELECT instance, sum(usd), count(*) FROM budget_journal WHERE day = %s"
+            " GROUP BY instance",
+            (day,),
+        )
+        journal = {str(r[0]): (Decimal(str(r[1])), int(r[2])) for r in cur.fetchall()}
+        in_patch = (patch.shares if patch is not None else None) or {}
+        zero = (Decimal(0), 0)
+        checks = []
+        for name in sorted(shares.keys() | journal.keys() | in_patch.keys()):
+            recorded = in_patch.get(name)
+            at_patch = zero
+            if recorded is not None:
+                cur.execute(
+                    "SELECT COALESCE(sum(usd), 0), count(*) FROM budget_journal"
+                    " WHERE day = %s AND instance = %s AND seq <= %s",
+                    (day, name, recorded[2]),
+                )
+                row = cur.fetchone()
+                at_patch = (Decimal(str(row[0])), int(row[1]))
+            checks.append(
+                ShareCheck(
+                    instance=name,
+                    share_spend=shares.get(name, zero)[0],
+                    share_dispatches=shares.get(name, zero)[1],
+                    journal_spend=journal.get(name, zero)[0],
+                    journal_dispatches=journal.get(name, zero)[1],
+                    patch_spend=None if recorded is None else recorded[0],
+                    patch_dispatches=None if recorded is None else recorded[1],
+                    at_patch_spend=at_patch[0],
+                    at_patch_dispatches=at_patch[1],
+                )
+            )
+        return checks
 
     def rebuild_patch(self, day: str, daily_cap: Decimal, now: datetime) -> Snapshot:
         """The shares are exact already: rewrite the patch as their sum."""

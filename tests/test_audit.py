@@ -93,3 +93,30 @@ def test_verify_with_an_unreachable_database_exits_2() -> None:
     result = _verify("postgresql://postgres@127.0.0.1:1/x", "2026-12-01")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_verify_checks_every_instance_of_a_shared_budget(pg_url: str) -> None:
+    """Two instances, a patch written between their costs: each instance's
+    share is checked against its own journal rows, up to the seq the patch
+    names for it; tampering with one share is found and named."""
+    config = make_config(persist_every=1)
+    async with (
+        open_budget(config, database=pg_url, instance="one", spill=False) as one,
+        open_budget(config, database=pg_url, instance="two", spill=False) as two,
+    ):
+        day = (await one.health()).day
+        await one.record("a", "0.10")
+        await two.record("b", "0.25")
+        await two.record("c", "1")
+        await one.cycle()  # a patch of all three
+        await one.health()
+        await one.record("d", "2")  # after the patch: normal, not a mismatch
+    ok = _verify(pg_url, day)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "share one" in ok.stdout and "share two" in ok.stdout
+    rows(pg_url, "UPDATE budget_shares SET spend = spend + 1 WHERE instance = 'two'")
+    bad = _verify(pg_url, day)
+    assert bad.returncode == 1 and "MISMATCH" in bad.stdout
+    assert next(line for line in bad.stdout.splitlines() if "MISMATCH" in line).startswith(
+        "share two"
+    )
