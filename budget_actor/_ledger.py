@@ -268,10 +268,9 @@ class Ledger:
         before = today.others
         today.others = others
         today.total = add(today.spend, others.spend)
-        if before is None or (before.spend, before.dispatches, before.cycles) != (
+        if before is None or (before.spend, before.dispatches) != (
             others.spend,
             others.dispatches,
-            others.cycles,
         ):
             self.version += 1
         if today.next_alert_at is not None and today.total >= today.next_alert_at:

@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import TypeVar
 
 import trio
 
@@ -39,6 +40,8 @@ from ._messages import Admit, Message, Synced
 from ._store import StoreError
 from ._store_postgres import PostgresStore
 from ._views import Admission
+
+T = TypeVar("T")
 
 log = logging.getLogger("budget_actor.shared")
 
@@ -84,15 +87,28 @@ class Coordinator:
         # One query at a time on the coordinator's own connection.
         self.limiter = trio.CapacityLimiter(1)
         self._failed_at = -math.inf
+        # A query abandoned at cancellation may still run in its thread.
+        self._abandoned = False
 
     async def run(self) -> None:
         """Sync and admit until cancelled. Store errors are handled here (logged,
         retried next interval; an admission is refused), so only a bug restarts
-        the coordinator. Its connection closes when it ends."""
+        the coordinator. Cancellation does not wait for a query in flight (a
+        partitioned database must not hold up a shutdown); its thread is
+        abandoned with the connection, which is otherwise closed at the end."""
         try:
             await self._run()
         finally:
-            self.store.close()
+            if not self._abandoned:
+                self.store.close()
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        self._abandoned = True
+        result = await trio.to_thread.run_sync(
+            fn, *args, limiter=self.limiter, abandon_on_cancel=True
+        )
+        self._abandoned = False
+        return result
 
     async def _run(self) -> None:
         queue = self.queue
@@ -112,9 +128,7 @@ class Coordinator:
     async def _sync(self) -> None:
         at = trio.current_time()
         try:
-            others = await trio.to_thread.run_sync(
-                self.store.others, self.day(), limiter=self.limiter
-            )
+            others = await self._call(self.store.others, self.day())
         except StoreError as exc:
             self._log_failure("sync", exc)
             return
@@ -123,14 +137,13 @@ class Coordinator:
     async def _admit(self, admit: Admit) -> None:
         at = trio.current_time()
         try:
-            admission, others = await trio.to_thread.run_sync(
+            admission, others = await self._call(
                 self.store.admit,
                 self.day(),
                 admit.dispatch_id,
                 admit.estimate,
                 self.config.daily_cap,
                 self.config.reservation_ttl_s,
-                limiter=self.limiter,
             )
         except StoreError as exc:
             self._log_failure("admit", exc)
