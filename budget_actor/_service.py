@@ -191,8 +191,11 @@ class Budget:
         cap, and if so reserve it until the cost with the same ``dispatch_id``
         settles it, or the reservation expires (``reservation_ttl_s``).
 
-        Raises :class:`InvalidCost` for a bad estimate or id (nothing changes).
-        Reservations live in this service's memory: a restart forgets them.
+        Raises :class:`InvalidCost` for a bad estimate or id (nothing changes),
+        and :class:`ServiceStopped` if the service stops first. On SQLite the
+        reservations live in this service's memory (a restart forgets them);
+        on PostgreSQL the database decides against the global cap of every
+        instance sharing the budget, and refuses while it cannot be reached.
         """
         checked = _validated(self.config, dispatch_id, estimate_usd, None, None, None, None)
         reply: Reply[Admission] = Reply()
