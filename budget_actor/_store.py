@@ -44,6 +44,15 @@ from ._records import (
 class StoreError(Exception):
     """The store could not be reached or refused an operation."""
 
+    #: True when the database aborted the transaction to resolve a conflict
+    #: with a concurrent one (a deadlock); running it again is the remedy.
+    conflict = False
+
+
+# A deadlock between two instances resolves on the first retry; a handful
+# covers bad luck without hiding a real, persistent problem.
+CONFLICT_RETRIES = 5
+
 
 class Store(ABC):
     """A DB-API store. Subclasses supply the connection and dialect details."""
@@ -189,6 +198,19 @@ class Store(ABC):
     # -- internals -----------------------------------------------------------
 
     def _run(self, work: Any) -> Any:
+        """Run ``work(cursor)`` in one transaction. A transaction the database
+        aborted to break a lock cycle (see :meth:`_conflict`) is run again,
+        up to :data:`CONFLICT_RETRIES` times; any other failure drops the
+        connection and raises :class:`StoreError`."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                return self._transaction(work)
+            except StoreError as exc:
+                if not (exc.conflict and attempt < CONFLICT_RETRIES):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _transaction(self, work: Any) -> Any:
         try:
             if self._conn is None:
                 self._conn = self._connect()
@@ -212,11 +234,19 @@ class Store(ABC):
         except StoreError:
             raise
         except Exception as exc:
-            # Whatever went wrong, a fresh connection is the safe next step.
-            self._drop()
+            conflict = self._conflict(exc)
+            if not conflict:
+                # Whatever went wrong, a fresh connection is the safe next step.
+                self._drop()
             # One line: drivers' messages span several, and logs and the
             # command line's errors must not.
-            raise StoreError(f"{self.kind}: {' '.join(str(exc).split())}") from exc
+            error = StoreError(f"{self.kind}: {' '.join(str(exc).split())}")
+            error.conflict = conflict
+            raise error from exc
+
+    def _conflict(self, exc: Exception) -> bool:
+        """True for an error that only says "run the transaction again"."""
+        return False
 
     def _create(self, cur: Any) -> None:
         for table, statement in self._schema():

@@ -76,7 +76,9 @@ _SCHEMA = (
 )
 
 # Journal rows of one batch, this instance's share of them, and the settling
-# of their reservations, in one statement. Only rows actually inserted count
+# of their reservations, in one statement. Rows go in (day, dispatch_id)
+# order: two instances inserting the same ids then wait for each other in
+# one order, never in a cycle (a deadlock). Only rows actually inserted count
 # in the share, so a retried batch (its rows already there) adds nothing, and
 # a row that another instance counted first (same day and dispatch_id) is
 # left out: the statement returns the seqs it did not insert.
@@ -89,7 +91,7 @@ WITH r AS (
     INSERT INTO budget_journal (instance, seq, day, dispatch_id, usd, recorded_at, model,
         agent, input_tokens, output_tokens)
     SELECT %(instance)s, seq, day, dispatch_id, usd, at, model, agent, input_tokens,
-        output_tokens FROM r
+        output_tokens FROM r ORDER BY day, dispatch_id
     ON CONFLICT DO NOTHING
     RETURNING seq, day, dispatch_id, usd
 ), share AS (
@@ -193,6 +195,13 @@ class PostgresStore(Store):
 
     def _schema(self) -> Sequence[tuple[str, str]]:
         return _SCHEMA
+
+    def _conflict(self, exc: Exception) -> bool:
+        # Instances writing the same ids, or admitting while costs settle
+        # reservations, can meet in a lock cycle; PostgreSQL aborts one.
+        return isinstance(
+            exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure
+        )
 
     def _create(self, cur: Any) -> None:
         # Instances starting together must not race to create or migrate.

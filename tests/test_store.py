@@ -384,3 +384,39 @@ def test_a_journal_from_before_sharing_is_migrated_without_loss(pg_url: str) -> 
         assert store.load(DAY).max_seq == 2
     finally:
         store.close()
+
+
+async def test_a_write_aborted_as_a_deadlock_is_run_again(pg_url: str) -> None:
+    """A lock cycle with another transaction: PostgreSQL aborts the store's
+    write (the other side waits longer before it checks for deadlocks); the
+    store runs it again instead of reporting an outage."""
+    import trio
+
+    store = PostgresStore(pg_url, "a")
+    store.open()
+    other = psycopg.connect(pg_url)
+    try:
+        other.execute("SET deadlock_timeout = '30s'")
+        hold = (
+            "INSERT INTO budget_journal (instance, seq, day, dispatch_id, usd, recorded_at)"
+            " VALUES ('other', %s, %s, %s, 1, now())"
+        )
+        other.execute(hold, (1, DAY, "b"))
+        async with trio.open_nursery() as nursery:
+            done: list[Any] = []
+
+            async def write() -> None:
+                batch = [_entry(1, "a", "1"), _entry(2, "b", "2")]
+                done.append(await trio.to_thread.run_sync(store.write, batch, [], [], T0))
+
+            nursery.start_soon(write)
+            await trio.sleep(0.3)  # the write holds "a" and waits for "b"
+            # Now "other" waits for "a": a cycle. The store's session finds
+            # it after 1 s and aborts; "other" then gets "a" and gives up.
+            await trio.to_thread.run_sync(other.execute, hold, (2, DAY, "a"))
+            await trio.to_thread.run_sync(other.rollback)
+        assert done and done[0].duplicates == {}
+        assert _share(pg_url, "a") == (Decimal("3"), 2)
+    finally:
+        other.close()
+        store.close()
