@@ -5,12 +5,12 @@ stay under 4 minutes on a 2-core machine) and returns its figures as
 :class:`~bench.rows.Row` objects. To add one, write ``def name() -> list[Row]``
 and add it to the registry. ``ingest`` is here; the others are in their own
 modules: ``_durable`` (durable, naive), ``_ws_ingest``, ``_fanout``,
-``_restore``, ``_shared``; what they share is in ``_support``. ``ws_echo.py`` and
+``_restore``, ``_shared``, ``_shared_admit``; what they share is in ``_support``. ``ws_echo.py`` and
 ``fanout_subscribers.py`` are scripts that scenarios run as child processes.
 
 Time budget per scenario on the reference machine: ingest ≤ 25 s, durable
 ≤ 40 s, naive ≤ 15 s, ws-ingest ≤ 25 s, fanout ≤ 45 s, restore ≤ 20 s,
-shared ≤ 45 s.
+shared ≤ 45 s, shared-admit ≤ 10 s.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ._durable import durable, naive
 from ._fanout import fanout
 from ._restore import restore
 from ._shared import shared
+from ._shared_admit import shared_admit
 from ._ws_ingest import ws_ingest
 from .rows import Row, median
 
@@ -215,4 +216,5 @@ SCENARIOS: dict[str, Scenario] = {
     "fanout": fanout,
     "restore": restore,
     "shared": shared,
+    "shared-admit": shared_admit,
 }
