@@ -46,14 +46,17 @@ _SCHEMA = (
         " updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (type, name))",
     ),
     (
-        # Each instance numbers its own costs: (instance, seq) is the key, and
-        # (day, dispatch_id) is unique across all instances (global dedupe).
+        # (day, dispatch_id) is the one key, across all instances: global
+        # dedupe, and no other way for a row to be refused. Each instance
+        # numbers its own costs (seq); a number is not a key, so a row
+        # numbered twice (a dead instance's spill file adopted by one that
+        # reused its numbers) is still written, never silently dropped.
         "budget_journal",
         "CREATE TABLE IF NOT EXISTS budget_journal (instance text NOT NULL DEFAULT '',"
         " seq bigint NOT NULL, day text NOT NULL,"
         " dispatch_id text NOT NULL, usd numeric NOT NULL, recorded_at timestamptz NOT NULL,"
         " model text, agent text, input_tokens bigint, output_tokens bigint,"
-        " PRIMARY KEY (instance, seq), UNIQUE (day, dispatch_id))",
+        " UNIQUE (day, dispatch_id))",
     ),
     (
         # One row per day and instance: the sum of that instance's journal
@@ -76,12 +79,12 @@ _SCHEMA = (
 )
 
 # Journal rows of one batch, this instance's share of them, and the settling
-# of their reservations, in one statement. Rows go in (day, dispatch_id)
-# order: two instances inserting the same ids then wait for each other in
-# one order, never in a cycle (a deadlock). Only rows actually inserted count
+# of their reservations, in one statement. Only rows actually inserted count
 # in the share, so a retried batch (its rows already there) adds nothing, and
 # a row that another instance counted first (same day and dispatch_id) is
-# left out: the statement returns the seqs it did not insert.
+# left out: the statement returns the rows it did not insert. Rows go in
+# (day, dispatch_id) order: two instances inserting the same ids then wait
+# for each other in one order, never in a cycle (a deadlock).
 _JOURNAL_INSERT = """
 WITH r AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(seq bigint, day text,
@@ -104,7 +107,8 @@ WITH r AS (
     DELETE FROM budget_reservations b USING ins
     WHERE b.day = ins.day AND b.dispatch_id = ins.dispatch_id
 )
-SELECT r.seq, r.day, r.dispatch_id FROM r WHERE r.seq NOT IN (SELECT seq FROM ins)
+SELECT r.seq, r.day, r.dispatch_id FROM r
+WHERE (r.day, r.dispatch_id) NOT IN (SELECT day, dispatch_id FROM ins)
 """
 
 _OTHERS = """
@@ -220,8 +224,8 @@ class PostgresStore(Store):
         """A journal from before instances shared a budget: its rows become the
         share of instance '' (the empty id), so nothing it counted is lost."""
         cur.execute("ALTER TABLE budget_journal ADD COLUMN instance text NOT NULL DEFAULT ''")
-        cur.execute("ALTER TABLE budget_journal DROP CONSTRAINT budget_journal_pkey")
-        cur.execute("ALTER TABLE budget_journal ADD PRIMARY KEY (instance, seq)")
+        # seq was the key; (day, dispatch_id), unique already, is the key now.
+        cur.execute("ALTER TABLE budget_journal DROP CONSTRAINT IF EXISTS budget_journal_pkey")
         cur.execute(
             "INSERT INTO budget_shares (day, instance, spend, dispatches, seq)"
             " SELECT day, '', sum(usd), count(*), max(seq) FROM budget_journal GROUP BY day"

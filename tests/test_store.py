@@ -420,3 +420,16 @@ async def test_a_write_aborted_as_a_deadlock_is_run_again(pg_url: str) -> None:
     finally:
         other.close()
         store.close()
+
+
+def test_a_cost_numbered_twice_is_still_written(
+    pg_url: str, pair: tuple[PostgresStore, PostgresStore]
+) -> None:
+    """A dead instance's spill file, adopted by an instance that has used
+    the same numbers since: the costs differ, so both must count."""
+    a, _b = pair
+    a.write([_entry(7, "own", "1")], [], [], T0)
+    assert a.write([_entry(7, "adopted", "2")], [], [], T0).duplicates == {}
+    assert _share(pg_url, "a") == (Decimal("3"), 2)
+    assert a.write([_entry(7, "adopted", "2")], [], [], T0).duplicates == {}  # a retry
+    assert _share(pg_url, "a") == (Decimal("3"), 2)
