@@ -76,7 +76,7 @@ def render(health: Health, errors: Mapping[str, int] | None = None) -> str:
     gauge("uptime_seconds", health.uptime_s, "Seconds since the service started")
     if health.instance is not None:
         # Shared budget: daily_spend_usd above is global; this is our share.
-        i = f'{d},instance="{health.instance}"'
+        i = f'{d},instance="{_label(health.instance)}"'
         gauge("instance_spend_usd", health.instance_spend, "This instance's share of the spend", i)
         gauge("instance_dispatches", health.instance_dispatches, "Costs counted here today", i)
         gauge("instances", health.instances, "Instances with a share of today's spend", d)
@@ -87,3 +87,9 @@ def render(health: Health, errors: Mapping[str, int] | None = None) -> str:
                 "Age of this instance's view of the other instances' spend",
             )
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped (an
+    instance id given in process may contain anything)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -127,3 +127,15 @@ async def test_admission_is_global(pg_url: str) -> None:
         await two.record("d1", "2")  # settled on the other instance, at its real cost
         fits = await one.admit("d2", "1.5")
         assert (fits.allowed, fits.remaining) == (True, Decimal("0.50"))
+
+
+async def test_metrics_show_the_share_under_an_escaped_instance_label(pg_url: str) -> None:
+    from budget_actor._metrics import render
+
+    weird = 'lab "7"\\x'
+    async with open_budget(CONFIG, database=pg_url, instance=weird, spill=False) as budget:
+        await budget.record("a", "0.5")
+        text = render(await budget.health())
+    assert 'budget_instance_spend_usd{day="' in text
+    assert 'instance="lab \\"7\\"\\\\x"} 0.5' in text
+    assert "budget_instances{" in text
