@@ -61,7 +61,7 @@ from ._spill import SpillFile
 from ._store import Store
 from ._store_postgres import PostgresStore
 from ._supervisor import Escalation, RestartPolicy, Restarts, supervise
-from ._views import AlertNotice
+from ._views import Admission, AlertNotice
 
 log = logging.getLogger("budget_actor.actor")
 
@@ -231,7 +231,19 @@ class BudgetActor:
             if recorded.effects:
                 self._apply(recorded.effects)
         elif isinstance(message, Admit):
-            if ledger.instance is not None:
+            if ledger.instance is not None and ledger.store_behind:
+                # Costs acknowledged from the spill file are in no share yet:
+                # the store would admit against a spend that lacks them.
+                message.reply.set(
+                    Admission(
+                        dispatch_id=message.dispatch_id,
+                        allowed=False,
+                        remaining=ledger.spend().remaining,
+                        reason="this instance's costs are not all in the shared store yet"
+                        " (database failing or catching up); try again or another instance",
+                    )
+                )
+            elif ledger.instance is not None:
                 # Shared: only the store sees every instance's reservations.
                 self._admits.put(message)
             else:
@@ -278,7 +290,7 @@ class BudgetActor:
             self._apply(ledger.synced(self._clock(), message.others))
         elif isinstance(message, Uncount):
             for entry, original in message.duplicates:
-                ledger.uncount(entry.day, entry.dispatch_id, entry.usd, original)
+                ledger.uncount(entry, original)
         elif isinstance(message, AlertWithdrawn):
             self._apply(ledger.withdraw(self._clock(), message.alert))
         elif isinstance(message, ChildFailed):

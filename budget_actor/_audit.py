@@ -60,8 +60,8 @@ class Audit(msgspec.Struct, frozen=True, kw_only=True):
     after_patch_dispatches: int
     duplicate_ids: tuple[str, ...]
     # Shared budget (PostgreSQL): each instance's share against its journal.
-    # The patch is then the sum of the shares when it was written, so it may
-    # trail the journal (costs after it) but never exceed it.
+    # A patch that names its shares is checked share by share; one written
+    # before instances shared a budget (no shares named), by its seq.
     shares: tuple[ShareCheck, ...] | None = None
 
     @property
@@ -107,7 +107,7 @@ def audit(
             at_count += 1
     if patch is None:
         at_patch, at_count = total, count
-    elif shares is not None:
+    elif shares is not None and patch.shares is not None:
         # Seqs are per instance: the journal "at the patch" is the sum, over
         # the instances the patch names, of each one's rows up to its seq.
         at_patch, at_count = Decimal(0), 0

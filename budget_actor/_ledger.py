@@ -28,6 +28,12 @@ from ._money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
 from ._records import Alert, JournalEntry, Others, Restored, Snapshot
 from ._views import Admission, Health, Spend
 
+# A shared budget's view of the other instances turns health "degraded" once
+# it is this many sync intervals old (and at least SYNC_STALE_MIN_S): a few
+# missed reads are a blip, more mean the "global" spend no longer is.
+SYNC_STALE_INTERVALS = 5
+SYNC_STALE_MIN_S = 1.0
+
 # Why a patch is due; kept in the effect for logs and tests.
 PatchReason = Literal["cycle", "rollover"]
 
@@ -277,13 +283,18 @@ class Ledger:
             effects.extend(self._crossings(now))
         return effects
 
-    def uncount(self, day: str, dispatch_id: str, usd: Decimal, original_seq: int) -> None:
-        """The store found that another instance had counted ``dispatch_id``
-        first: take the cost back out of this instance's share."""
+    def uncount(self, entry: JournalEntry, original_seq: int) -> None:
+        """The store found that another instance had counted ``entry``'s
+        dispatch id first: take the cost back out of this instance's share.
+
+        Only if this ledger counted that very entry (same seq): a ledger
+        restored since then never counted it, and must not subtract it.
+        """
         today = self._today
+        dispatch_id, usd = entry.dispatch_id, entry.usd
         self.duplicates += 1
-        if day != today.day or today.seen.get(dispatch_id) is None:
-            return  # that day's figures are closed; the store holds the truth
+        if entry.day != today.day or today.seen.get(dispatch_id) != entry.seq:
+            return  # not counted here (or that day is closed): nothing to undo
         today.spend = sub(today.spend, usd)
         today.total = sub(today.total, usd)
         today.dispatches -= 1
@@ -408,6 +419,12 @@ class Ledger:
         )
 
     @property
+    def store_behind(self) -> bool:
+        """True while the store fails or still lacks costs accepted during a
+        failure (they wait in the spill file)."""
+        return not self._store_ok or self._catching_up
+
+    @property
     def total_spend(self) -> Decimal:
         """The day's spend: global when shared (own + others as last synced)."""
         return self._today.total
@@ -447,7 +464,9 @@ class Ledger:
         burn_60m = today.burn.rate(now, 3600)
         cap = self.config.daily_cap
         every = self.config.persist_every
-        degraded = not self._store_ok or self._catching_up
+        stale_after = max(SYNC_STALE_MIN_S, SYNC_STALE_INTERVALS * self.config.sync_interval_s)
+        stale = sync_age_s is not None and sync_age_s > stale_after
+        degraded = self.store_behind or stale
         return Health(
             status="degraded" if degraded else "ok",
             day=today.day,

@@ -288,7 +288,9 @@ class Persister:
         for job in batch:
             if not _acknowledge(job) and isinstance(job, NudgeJob) and job.reply is not None:
                 job.reply.set(result.nudges.get(job.alert.nudge_name, "exists"))
-        if uncount:
+        if uncount and not abandon:
+            # (At shutdown, `abandon`, the actor is gone and its mailbox may
+            # be full; its successor restores from the store anyway.)
             await self._tell(Uncount(uncount))
 
     async def _spill(self, batch: list[Job], *, beside_store: bool = False) -> None:

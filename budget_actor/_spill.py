@@ -23,6 +23,7 @@ Every method blocks: call them from the persister's worker thread.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -159,7 +160,9 @@ def claim(base: Path) -> tuple[SpillFile, list[SpillFile]]:
         else:
             orphans.append(candidate)
     if mine is None:
-        raise OSError(f"all {MAX_SLOTS} spill files beside {base} are in use")
+        raise OSError(
+            errno.EBUSY, f"all {MAX_SLOTS} spill files are in use by live processes", str(base)
+        )
     return mine, orphans
 
 

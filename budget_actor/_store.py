@@ -67,6 +67,8 @@ class Store(ABC):
     shared: bool = False
     #: This service's instance id, when shared.
     instance: str | None = None
+    #: How a transaction starts.
+    _BEGIN = "BEGIN"
 
     def __init__(self) -> None:
         self._conn: Any = None
@@ -99,7 +101,8 @@ class Store(ABC):
     @abstractmethod
     def _journal_insert(self) -> str:
         """INSERT of journal rows from one JSON array parameter of JournalEntry
-        objects; rows that exist already (by seq, or by day and id) are skipped."""
+        objects; rows that exist already (by seq, or by day and id) are skipped.
+        PostgreSQL replaces the whole step (see ``_insert_journal``)."""
 
     # -- the interface -------------------------------------------------------
 
@@ -216,7 +219,7 @@ class Store(ABC):
                 self._conn = self._connect()
             cur = self._conn.cursor()
             try:
-                cur.execute("BEGIN")
+                cur.execute(self._BEGIN)
                 result = work(cur)
                 cur.execute("COMMIT")
                 return result
@@ -352,8 +355,7 @@ class Store(ABC):
         cur.execute(f"SELECT dispatch_id, seq FROM budget_journal WHERE day = {p}", (day,))
         ids = {str(r[0]): int(r[1]) for r in cur.fetchall()}
         sent, forecast_sent = self._sent(cur, day)
-        cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_journal")
-        max_seq = int(cur.fetchone()[0])
+        max_seq = self._max_seq(cur)
         if patch is not None:
             max_seq = max(max_seq, patch.seq)
         return Restored(
@@ -367,6 +369,11 @@ class Store(ABC):
             instance=self.instance if self.shared else None,
             others=others,
         )
+
+    def _max_seq(self, cur: Any) -> int:
+        """The highest seq in the journal (it is the key here: an index read)."""
+        cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_journal")
+        return int(cur.fetchone()[0])
 
     def _sent(self, cur: Any, day: str) -> tuple[set[Decimal], bool]:
         """Thresholds of ``day`` whose nudge row exists, and whether the

@@ -138,6 +138,12 @@ class PostgresStore(Store):
 
     kind = "postgresql"
     shared = True
+    # Admission, the patch sum and the nudge guard each read in a statement
+    # after taking a lock, and must see what committed before they got it:
+    # a fresh snapshot per statement. A server whose default is REPEATABLE
+    # READ would take the snapshot before the lock wait and let two
+    # admissions miss each other's reservations.
+    _BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
     def __init__(self, url: str, instance: str | None = None) -> None:
         super().__init__()
@@ -179,12 +185,29 @@ class PostgresStore(Store):
         a clear error; it goes with the connection (and with the process,
         however it dies), and is taken again on every reconnect.
         """
+        # The schema-wide key of the versions that served one instance per
+        # schema: they hold it exclusively, every sharing instance holds it
+        # shared, so neither kind starts beside the other (an old instance's
+        # costs would miss the shares, and so the global spend).
+        self._try_lock(
+            conn,
+            "SELECT pg_try_advisory_lock_shared(hashtext('budget_actor:' || current_schema()))",
+            (),
+            "postgresql: this schema is in use by an older budget-actor that serves one"
+            " instance per schema; stop it before starting this version",
+        )
+        self._try_lock(
+            conn,
+            "SELECT pg_try_advisory_lock(hashtext('budget_actor:' || current_schema()),"
+            " hashtext(%s))",
+            (self.instance,),
+            f"postgresql: instance id {self.instance!r} is in use by another budget-actor"
+            " on this schema (advisory lock held); give each instance its own --instance-id",
+        )
+
+    def _try_lock(self, conn: Any, query: str, params: tuple[object, ...], refusal: str) -> None:
         for attempt in range(LOCK_ATTEMPTS):
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtext('budget_actor:' || current_schema()),"
-                " hashtext(%s))",
-                (self.instance,),
-            ).fetchone()
+            row = conn.execute(query, params).fetchone()
             if row and row[0]:
                 return
             # A predecessor killed a moment ago holds the lock until its
@@ -192,10 +215,7 @@ class PostgresStore(Store):
             if attempt + 1 < LOCK_ATTEMPTS:
                 time.sleep(LOCK_RETRY_S)
         conn.close()
-        raise StoreError(
-            f"postgresql: instance id {self.instance!r} is in use by another budget-actor"
-            " on this schema (advisory lock held); give each instance its own --instance-id"
-        )
+        raise StoreError(refusal)
 
     def _schema(self) -> Sequence[tuple[str, str]]:
         return _SCHEMA
@@ -363,6 +383,12 @@ class PostgresStore(Store):
         entries = self._own_entries(cur, day, own.seq if own else -1)
         return self._restored(cur, day, own, entries, self._others(cur, day))
 
+    def _max_seq(self, cur: Any) -> int:
+        # seq is not a key on PostgreSQL (no index to read the maximum from);
+        # every share row holds its instance's highest seq of the day.
+        cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_shares")
+        return int(cur.fetchone()[0])
+
     def _own_entries(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
         cur.execute(
             "SELECT seq, day, dispatch_id, usd, recorded_at, model, agent, input_tokens,"
@@ -461,13 +487,17 @@ class PostgresStore(Store):
             )
         return admission, self._others(cur, day)
 
-    def share_checks(self, day: str, patch: Snapshot | None) -> list[ShareCheck]:
+    def share_checks(self, day: str, patch: Snapshot | None) -> list[ShareCheck] | None:
         """Every instance's share of ``day`` beside its journal rows, and the
-        patch's record of that share beside its journal rows up to that seq."""
-        result: list[ShareCheck] = self._run(lambda cur: self._share_checks(cur, day, patch))
+        patch's record of that share beside its journal rows up to that seq;
+        None for a schema that no instance of this version has opened yet
+        (nothing shared to check)."""
+        result: list[ShareCheck] | None = self._run(lambda cur: self._share_checks(cur, day, patch))
         return result
 
-    def _share_checks(self, cur: Any, day: str, patch: Snapshot | None) -> list[ShareCheck]:
+    def _share_checks(self, cur: Any, day: str, patch: Snapshot | None) -> list[ShareCheck] | None:
+        if not self._table_exists(cur, "budget_shares"):
+            return None
         cur.execute("SELECT instance, spend, dispatches FROM budget_shares WHERE day = %s", (day,))
         shares = {str(r[0]): (Decimal(str(r[1])), int(r[2])) for r in cur.fetchall()}
         cur.execute(

@@ -8,7 +8,7 @@ import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from budget_actor import make_config, open_budget
+from budget_actor import make_config, open_budget, open_store
 from budget_actor._audit import audit
 from budget_actor._records import JournalEntry, Snapshot
 
@@ -120,3 +120,50 @@ async def test_verify_checks_every_instance_of_a_shared_budget(pg_url: str) -> N
     assert next(line for line in bad.stdout.splitlines() if "MISMATCH" in line).startswith(
         "share two"
     )
+
+
+def test_verify_of_a_day_written_before_instances_shared_a_budget(pg_url: str) -> None:
+    """A day of the single-instance journal, migrated: its patch names no
+    shares, and is checked by its seq as before."""
+    day = "2026-11-30"
+    rows(
+        pg_url,
+        "CREATE TABLE budget_journal (seq bigint PRIMARY KEY, day text NOT NULL,"
+        " dispatch_id text NOT NULL, usd numeric NOT NULL, recorded_at timestamptz NOT NULL,"
+        " model text, agent text, input_tokens bigint, output_tokens bigint,"
+        " UNIQUE (day, dispatch_id))",
+    )
+    rows(
+        pg_url,
+        "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at) VALUES"
+        " (1, %s, 'a', 0.5, now()), (2, %s, 'b', 0.25, now()), (3, %s, 'c', 1, now())",
+        (day, day, day),
+    )
+    old_patch = {
+        "date": day,
+        "daily_spend": "0.75",
+        "daily_cap": "10.00",
+        "cycle_count": 10,
+        "dispatches": 2,
+        "alerts_sent": [],
+        "seq": 2,
+    }
+    rows(
+        pg_url,
+        "CREATE TABLE quilt_patches (type text NOT NULL, name text NOT NULL, body jsonb NOT NULL,"
+        " created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL"
+        " DEFAULT now(), PRIMARY KEY (type, name))",
+    )
+    rows(
+        pg_url,
+        "INSERT INTO quilt_patches (type, name, body) VALUES ('budget', %s, %s::jsonb)",
+        (f"budget_{day}", json.dumps(old_patch)),
+    )
+    before = _verify(pg_url, day)  # not migrated yet: nothing shared to check
+    assert before.returncode == 0, before.stdout + before.stderr
+    store = open_store(pg_url, "new")
+    store.open()  # migrates
+    store.close()
+    after = _verify(pg_url, day)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "share " in after.stdout and "after the patch     1 costs, $1" in after.stdout

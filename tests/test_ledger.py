@@ -328,7 +328,8 @@ def test_uncount_takes_a_cross_instance_duplicate_back_out() -> None:
     first = ledger.record(T0, "x", Decimal("2"))
     ledger.synced(T0, _others("1"))
     before = ledger.version
-    ledger.uncount("2026-12-01", "x", Decimal("2"), original_seq=7)
+    assert first.entry is not None
+    ledger.uncount(first.entry, original_seq=7)
     assert (ledger.spend().daily_spend, ledger.spend().instance_dispatches) == (Decimal("1"), 0)
     assert ledger.version > before and ledger.duplicates == 1
     again = ledger.record(T0, "x", Decimal("2"))
@@ -337,11 +338,14 @@ def test_uncount_takes_a_cross_instance_duplicate_back_out() -> None:
 
 def test_a_withdrawn_alert_is_armed_again_and_rechecked() -> None:
     ledger = _shared_ledger()
-    crossed = ledger.record(T0, "x", Decimal("8")).effects
+    recorded = ledger.record(T0, "x", Decimal("8"))
     (alert,) = [
-        e.alert for e in crossed if isinstance(e, AlertDue) and e.alert.threshold == Decimal("0.8")
+        e.alert
+        for e in recorded.effects
+        if isinstance(e, AlertDue) and e.alert.threshold == Decimal("0.8")
     ]
-    ledger.uncount("2026-12-01", "x", Decimal("8"), original_seq=3)
+    assert recorded.entry is not None
+    ledger.uncount(recorded.entry, original_seq=3)
     assert ledger.withdraw(T0, alert) == []  # 0 now: armed, not due
     assert ledger.health(T0, store="p", subscribers=0, uptime_s=0).alerts_sent == (0.5,)
     again = ledger.record(T0, "y", Decimal("8.5")).effects
@@ -376,3 +380,21 @@ def test_restore_of_a_shared_instance_keeps_the_others_apart() -> None:
         Decimal("0.5"),
         Decimal("0.8"),
     ]
+
+
+def test_uncount_of_an_entry_this_ledger_did_not_count_changes_nothing() -> None:
+    """A restarted actor restored its share without the cost; a late report
+    from its predecessor's final flush must not subtract it again."""
+    ledger = _shared_ledger()
+    ledger.record(T0, "mine", Decimal("1.5"))
+    ledger.record(T0, "x", Decimal("2"))
+    stale = JournalEntry(seq=99, day="2026-12-01", dispatch_id="x", usd=Decimal("2"), at=T0)
+    ledger.uncount(stale, original_seq=4)
+    assert ledger.spend().instance_spend == Decimal("3.5")
+
+
+def test_a_stale_view_of_the_other_instances_is_degraded() -> None:
+    ledger = _shared_ledger()  # sync every 0.2 s: stale after 1 s
+    fresh = ledger.health(T0, store="postgresql", subscribers=0, uptime_s=0, sync_age_s=0.4)
+    stale = ledger.health(T0, store="postgresql", subscribers=0, uptime_s=0, sync_age_s=1.5)
+    assert (fresh.status, stale.status) == ("ok", "degraded")

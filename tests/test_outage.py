@@ -220,16 +220,19 @@ def test_live_processes_get_spill_files_of_their_own(tmp_path: Path) -> None:
 async def test_a_dead_instances_spill_file_is_drained_by_whoever_starts(
     pg_url: str, tmp_path: Path
 ) -> None:
-    """Instance "two" spilled acknowledged costs and never came back; the next
-    instance to start on the same database and directory writes them."""
+    """An instance spilled acknowledged costs and never came back; the next
+    instance to start on the same database and directory writes them, even
+    though it takes another free slot as its own."""
     base = default_spill_path(open_store(pg_url))
-    mine, _ = claim(base)  # "one" is alive and holds the first slot
-    dead = SpillFile(slot(base, 2))
+    one, _ = claim(base)  # "one" and "two" are alive and hold slots 1 and 2
+    two, _ = claim(base)
+    dead = SpillFile(slot(base, 3))
     dead.open()
     dead.append([_spilled("lost-1", "0.5"), _spilled("lost-2", "0.25")])
+    two.release()  # "two" stops: "three" takes slot 2, so slot 3 is an orphan
     async with open_budget(CONFIG, database=pg_url, instance="three", spill=True) as budget:
         await budget.health()
-    mine.release()
+    one.release()
     assert rows(pg_url, "SELECT count(*), sum(usd) FROM budget_journal") == [(2, Decimal("0.75"))]
     assert dead.read() == []  # drained, and its entries are in the store once
 
@@ -244,3 +247,27 @@ def _spilled(dispatch_id: str, usd: str) -> JournalEntry:
         usd=Decimal(usd),
         at=datetime.now(UTC),
     )
+
+
+async def test_a_shared_instance_refuses_admit_while_its_costs_wait_in_the_spill_file(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Costs acknowledged from the spill file are in no share yet: admitting
+    against the store's figure would ignore them. Once drained, admit works."""
+    proxy = CuttableProxy(*target_of(pg_url))
+    config = make_config(daily_cap="10.00", sync_interval_s=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        url = proxy.url_for(pg_url)
+        async with open_budget(config, database=url, spill=tmp_path / "s.spill") as budget:
+            assert (await budget.admit("early", "1")).allowed
+            proxy.cut()
+            await budget.record("spilled", "9")
+            refused = await budget.admit("late", "0.5")
+            assert not refused.allowed and "not all in the shared store" in (refused.reason or "")
+            proxy.restore()
+            await _recovered(budget)
+            after = await budget.admit("late", "0.5")
+            # 9 spent and 1 reserved of 10: the drained cost counts now.
+            assert not after.allowed and after.remaining == 0
+        nursery.cancel_scope.cancel()

@@ -433,3 +433,57 @@ def test_a_cost_numbered_twice_is_still_written(
     assert _share(pg_url, "a") == (Decimal("3"), 2)
     assert a.write([_entry(7, "adopted", "2")], [], [], T0).duplicates == {}  # a retry
     assert _share(pg_url, "a") == (Decimal("3"), 2)
+
+
+def test_admission_holds_on_a_server_whose_default_is_repeatable_read(pg_url: str) -> None:
+    """Each admission must read after taking its lock; under REPEATABLE READ
+    the snapshot would predate the wait, and concurrent admissions would miss
+    each other's reservations."""
+    import threading
+
+    assert "options=" in pg_url  # the test's own schema: extend its options
+    url = pg_url + "%20-cdefault_transaction_isolation%3Drepeatable%5C%20read"
+    stores = [PostgresStore(url, f"i{k}") for k in range(8)]
+    for store in stores:
+        store.open()
+    allowed: list[bool] = []
+
+    def admit(store: PostgresStore, k: int) -> None:
+        for i in range(10):
+            answer, _ = store.admit(DAY, f"d{k}-{i}", Decimal("1"), Decimal("10"), 600)
+            allowed.append(answer.allowed)
+
+    try:
+        threads = [threading.Thread(target=admit, args=(s, k)) for k, s in enumerate(stores)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        level = _rows(url, "SHOW default_transaction_isolation")
+        assert level == [("repeatable read",)]  # the setting did apply...
+        assert _rows(url, "SELECT current_schema()") == _rows(pg_url, "SELECT current_schema()")
+    finally:
+        for store in stores:
+            store.close()
+    assert allowed.count(True) == 10
+
+
+def test_an_older_single_instance_service_and_this_version_exclude_each_other(
+    pg_url: str,
+) -> None:
+    old = psycopg.connect(pg_url, autocommit=True)
+    try:
+        # What the version before shared budgets held for as long as it ran.
+        old.execute("SELECT pg_advisory_lock(hashtext('budget_actor:' || current_schema()))")
+        new = PostgresStore(pg_url, "new")
+        with pytest.raises(StoreError, match="older budget-actor"):
+            new.open()
+        old.execute("SELECT pg_advisory_unlock_all()")
+        new.open()
+        row = old.execute(
+            "SELECT pg_try_advisory_lock(hashtext('budget_actor:' || current_schema()))"
+        ).fetchone()
+        assert row == (False,)  # and an older one cannot start beside it
+        new.close()
+    finally:
+        old.close()
