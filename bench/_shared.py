@@ -25,13 +25,12 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -40,7 +39,6 @@ from typing import Any
 import msgspec
 import psycopg
 import trio
-from psycopg import sql
 from trio_websocket import open_websocket_url
 
 from ._support import (
@@ -48,10 +46,9 @@ from ._support import (
     Child,
     child_env,
     cpu_seconds,
-    pg_base_url,
+    pg_schema,
     pg_skipped,
     serve_command,
-    with_search_path,
 )
 from .rows import Row, quantile
 
@@ -282,20 +279,6 @@ def _driver_main(argv: Sequence[str]) -> int:
 # -- the bench side --------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _schema() -> Iterator[str]:
-    """A fresh ``bench_shared_*`` schema, dropped (CASCADE) on exit; yields its URL."""
-    base = pg_base_url()
-    name = f"bench_shared_{secrets.token_hex(6)}"
-    with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    try:
-        yield with_search_path(base, name)
-    finally:
-        with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
 def _run_driver(config: dict[str, Any]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "bench._shared", "drive", json.dumps(config)]
     done = subprocess.run(
@@ -498,7 +481,7 @@ def _convergence(run: Run, truth: tuple[int, Decimal, int]) -> tuple[int, list[s
 def shared() -> list[Row]:
     """1-3 instances sharing one budget on PostgreSQL: costs/s, and the global view's staleness."""
     try:
-        with _schema() as url, tempfile.TemporaryDirectory(prefix="budget-bench-") as tmp:
+        with pg_schema() as url, tempfile.TemporaryDirectory(prefix="budget-bench-") as tmp:
             return _measure(url, Path(tmp))
     except psycopg.OperationalError as exc:
         return [pg_skipped("shared", exc)]
