@@ -104,9 +104,15 @@ class Coordinator:
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         self._abandoned = True
-        result = await trio.to_thread.run_sync(
-            fn, *args, limiter=self.limiter, abandon_on_cancel=True
-        )
+        try:
+            result = await trio.to_thread.run_sync(
+                fn, *args, limiter=self.limiter, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            raise  # the thread may still run: leave the connection to it
+        except BaseException:
+            self._abandoned = False  # the thread has finished, with an error
+            raise
         self._abandoned = False
         return result
 
