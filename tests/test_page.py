@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,6 @@ TOKENS = {
     "BUDGET_DISPATCHER_TOKEN": "dispatcher-secret",
     "BUDGET_OBSERVER_TOKEN": "observer-secret",
 }
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    launch = Launcher(tmp_path)
-    try:
-        yield launch
-    finally:
-        launch.close()
 
 
 # -- over plain HTTP ---------------------------------------------------------------

@@ -5,14 +5,11 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from budget_actor._watch import State, apply, bar, plain_lines, render
@@ -205,15 +202,6 @@ def test_plain_lines_report_a_lost_connection_but_not_each_retry() -> None:
 
 
 # -- the command against real services ---------------------------------------------
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    launch = Launcher(tmp_path)
-    try:
-        yield launch
-    finally:
-        launch.close()
 
 
 class Watch:
