@@ -19,8 +19,9 @@ import psycopg
 import trio
 
 import budget_actor
-from budget_actor._records import iso_utc
-from budget_actor._store import Store, open_store
+from budget_actor.core.records import iso_utc
+from budget_actor.stores.open import open_store
+from budget_actor.stores.store import Store
 
 from ._support import Load, closed_loop, pg_schema, pg_skipped
 from .rows import Row, median, quantile

@@ -15,9 +15,9 @@ import psycopg
 import trio
 
 import budget_actor
-from budget_actor._ledger import day_of
-from budget_actor._records import JournalEntry, Snapshot
-from budget_actor._store import open_store
+from budget_actor.core.ledger import day_of
+from budget_actor.core.records import JournalEntry, Snapshot
+from budget_actor.stores.open import open_store
 
 from ._support import Child, pg_schema, pg_skipped, serve_command
 from .rows import Row, median

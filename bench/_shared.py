@@ -66,10 +66,10 @@ SLICE_S = 1.0
 # global figures (expected: one sync interval plus a query).
 CONVERGE_S = 5.0
 # Costs in flight per dispatcher connection before it waits for an ack: the
-# server's own window (budget_actor._server.ACK_WINDOW), as in ws-ingest.
+# server's own window (budget_actor.net.server.ACK_WINDOW), as in ws-ingest.
 WS_WINDOW = 1024
 # Subscriber connections per instance. The service pushes at most one `spend`
-# per 0.1 s per subscriber (budget_actor._server.PUSH_INTERVAL_S), so one
+# per 0.1 s per subscriber (budget_actor.net.server.PUSH_INTERVAL_S), so one
 # subscriber gives ~40 samples per window; several, each on its own phase, give
 # enough for a p99.
 SUBSCRIBERS = 8

@@ -21,7 +21,7 @@ WS_ROUNDS = 3
 WS_ROUND_S = 2.5
 WS_WARMUP_S = 0.5
 # Costs in flight before the client waits for an ack: the server's own window
-# (budget_actor._server.ACK_WINDOW), so the server, not the client, limits.
+# (budget_actor.net.server.ACK_WINDOW), so the server, not the client, limits.
 WS_WINDOW = 1024
 WS_TARGET = 5_000.0
 WS_TARGET_RATIO = 0.5

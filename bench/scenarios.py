@@ -25,9 +25,9 @@ from pathlib import Path
 import trio
 
 import budget_actor
-from budget_actor._actor import MAX_BATCH
-from budget_actor._messages import RecordCost
-from budget_actor._service import MAILBOX_SIZE
+from budget_actor.runtime.actor import MAX_BATCH
+from budget_actor.runtime.messages import RecordCost
+from budget_actor.runtime.service import MAILBOX_SIZE
 
 from ._durable import durable, naive
 from ._fanout import fanout

@@ -13,12 +13,13 @@ The network face is ``budget_actor._server.serve`` (used by ``budget-actor
 serve``); the command line is ``budget_actor._cli``.
 """
 
-from ._config import BudgetConfig, ConfigError, make_config
-from ._messages import ServiceStopped
-from ._service import Budget, InvalidCost, Receipt, open_budget
-from ._store import Store, StoreError, open_store
-from ._supervisor import Escalation, RestartPolicy
-from ._views import Admission, AlertNotice, Health, Spend, Update
+from .core.config import BudgetConfig, ConfigError, make_config
+from .core.views import Admission, AlertNotice, Health, Spend, Update
+from .runtime.messages import ServiceStopped
+from .runtime.service import Budget, InvalidCost, Receipt, open_budget
+from .runtime.supervisor import Escalation, RestartPolicy
+from .stores.open import open_store
+from .stores.store import Store, StoreError
 
 __all__ = [
     "Admission",

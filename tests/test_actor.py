@@ -21,8 +21,8 @@ from budget_actor import (
     make_config,
     open_budget,
 )
-from budget_actor._fanout import Published
-from budget_actor._store_sqlite import SqliteStore
+from budget_actor.runtime.fanout import Published
+from budget_actor.stores.sqlite import SqliteStore
 
 from ._helpers import WallClock, eventually, rows
 
@@ -218,7 +218,7 @@ async def test_calls_after_stop_raise_service_stopped(sqlite_url: str) -> None:
 
 async def test_more_concurrent_senders_than_one_batch_all_count(sqlite_url: str) -> None:
     """The actor drains its mailbox in batches of MAX_BATCH; none may be dropped."""
-    from budget_actor._actor import MAX_BATCH
+    from budget_actor.runtime.actor import MAX_BATCH
 
     senders = MAX_BATCH * 3 + 7
     async with open_budget(CONFIG, database=sqlite_url) as budget:
@@ -330,7 +330,7 @@ async def test_a_final_flush_larger_than_one_batch_keeps_patch_and_journal_in_st
     sqlite_url: str,
 ) -> None:
     """The final patch is written after every cost it counts, never before."""
-    from budget_actor._persister import MAX_BATCH
+    from budget_actor.runtime.persister import MAX_BATCH
 
     count = MAX_BATCH * 2 + 123
     async with open_budget(CONFIG, database=sqlite_url) as budget:

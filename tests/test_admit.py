@@ -10,8 +10,8 @@ import trio
 from trio_websocket import open_websocket_url
 
 from budget_actor import make_config, open_budget
-from budget_actor._ledger import Ledger
-from budget_actor._server import serve
+from budget_actor.core.ledger import Ledger
+from budget_actor.net.server import serve
 
 T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
 CONFIG = make_config(daily_cap="10.00", reservation_ttl_s=600)

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from budget_actor import make_config, open_budget, open_store
-from budget_actor._audit import audit
-from budget_actor._records import JournalEntry, Snapshot
+from budget_actor.core.audit import audit
+from budget_actor.core.records import JournalEntry, Snapshot
 
 from ._helpers import rows
 

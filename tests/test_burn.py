@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from budget_actor._burn import BurnRate, project
-from budget_actor._config import make_config
-from budget_actor._ledger import AlertDue, Ledger, day_bounds
+from budget_actor.core.burn import BurnRate, project
+from budget_actor.core.config import make_config
+from budget_actor.core.ledger import AlertDue, Ledger, day_bounds
 
 MIDNIGHT = datetime(2026, 12, 1, tzinfo=UTC)
 

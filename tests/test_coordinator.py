@@ -11,7 +11,7 @@ from decimal import Decimal
 import trio
 
 from budget_actor import Budget, make_config, open_budget
-from budget_actor._views import AlertNotice
+from budget_actor.core.views import AlertNotice
 
 from ._helpers import eventually, rows
 
@@ -130,7 +130,7 @@ async def test_admission_is_global(pg_url: str) -> None:
 
 
 async def test_metrics_show_the_share_under_an_escaped_instance_label(pg_url: str) -> None:
-    from budget_actor._metrics import render
+    from budget_actor.net.metrics import render
 
     weird = 'lab "7"\\x'
     async with open_budget(CONFIG, database=pg_url, instance=weird, spill=False) as budget:

@@ -42,8 +42,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from budget_actor import make_config, open_budget
-from budget_actor._access import Access
-from budget_actor._server import ServerOptions, serve
+from budget_actor.core.access import Access
+from budget_actor.net.server import ServerOptions, serve
 
 from ._client import connect
 from .test_hostile import (

@@ -37,7 +37,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from budget_actor import make_config, open_budget
-from budget_actor._server import ServerOptions, serve
+from budget_actor.net.server import ServerOptions, serve
 
 from ._client import Conn, Launcher, Service, connect, frame, http_get, run_cli
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget_actor._config import make_config
-from budget_actor._ledger import AlertDue, Ledger, PatchDue, day_of
-from budget_actor._records import JournalEntry, Others, Restored, Snapshot
+from budget_actor.core.config import make_config
+from budget_actor.core.ledger import AlertDue, Ledger, PatchDue, day_of
+from budget_actor.core.records import JournalEntry, Others, Restored, Snapshot
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 CONFIG = make_config(daily_cap="10.00", alert_at="0.5,0.8", persist_every=3)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from budget_actor._logs import JsonFormatter
+from budget_actor.cli.logs import JsonFormatter
 
 from ._client import Launcher, child_env, command, connect, run_cli
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import trio
 
 from budget_actor import Budget, make_config, open_budget
-from budget_actor._records import JournalEntry
-from budget_actor._service import default_spill_path
-from budget_actor._spill import SpillFile, claim, slot
-from budget_actor._store import open_store
+from budget_actor.core.records import JournalEntry
+from budget_actor.runtime.service import default_spill_path
+from budget_actor.stores.open import open_store
+from budget_actor.stores.spill import SpillFile, claim, slot
 
 from ._helpers import eventually, rows
 from ._proxy import CuttableProxy, target_of
@@ -132,7 +132,7 @@ async def test_spilled_costs_survive_a_crash_and_come_back_on_restart(
 
 
 async def test_http_health_is_503_while_degraded(pg_url: str, tmp_path: Path) -> None:
-    from budget_actor._server import serve
+    from budget_actor.net.server import serve
 
     async def get(port: int, path: str) -> tuple[int, bytes]:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -173,8 +173,8 @@ async def test_spilled_costs_of_an_earlier_day_rebuild_its_patch(
     from datetime import UTC, datetime
 
     from budget_actor import open_store
-    from budget_actor._records import JournalEntry
-    from budget_actor._spill import SpillFile
+    from budget_actor.core.records import JournalEntry
+    from budget_actor.stores.spill import SpillFile
 
     from ._helpers import WallClock
 

@@ -68,7 +68,7 @@ async def test_head_of_the_page(launcher: Launcher, sqlite_url: str) -> None:
 
 
 def test_the_page_fetches_nothing_from_elsewhere() -> None:
-    from budget_actor._page import PAGE
+    from budget_actor.net.page import PAGE
 
     html = PAGE.decode()
     # Every src/href is inline data; the only absolute URL is the SVG namespace.

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from budget_actor._records import JournalEntry, Snapshot
-from budget_actor._report import (
+from budget_actor.cli.report import (
     Group,
     breakdown,
     build,
@@ -24,7 +23,8 @@ from budget_actor._report import (
     to_json,
     to_table,
 )
-from budget_actor._store import open_store
+from budget_actor.core.records import JournalEntry, Snapshot
+from budget_actor.stores.open import open_store
 
 from ._client import Launcher, connect, run_cli, wait_row
 

@@ -11,9 +11,9 @@ import psycopg
 import pytest
 
 from budget_actor import StoreError, open_store
-from budget_actor._records import Alert, JournalEntry, Snapshot
-from budget_actor._store import Store
-from budget_actor._store_postgres import PostgresStore
+from budget_actor.core.records import Alert, JournalEntry, Snapshot
+from budget_actor.stores.postgres import PostgresStore
+from budget_actor.stores.store import Store
 
 T0 = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 DAY = "2026-12-01"

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from budget_actor._watch import State, apply, bar, plain_lines, render
+from budget_actor.cli.watch import State, apply, bar, plain_lines, render
 
 from ._client import Launcher, Service, child_env, command, connect, free_closed_port, run_cli
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget_actor._wire import (
+from budget_actor.core.wire import (
     CostRequest,
     CycleRequest,
     HealthRequest,
@@ -101,8 +101,8 @@ def test_negative_zero_is_zero() -> None:
 
 
 def test_amounts_are_encoded_in_plain_notation() -> None:
-    from budget_actor._views import Spend
-    from budget_actor._wire import encode
+    from budget_actor.core.views import Spend
+    from budget_actor.core.wire import encode
 
     spend = Spend(
         day="2026-12-01",

@@ -38,7 +38,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from ._money import to_wire
+from ..core.money import to_wire
 
 Connection = Literal["connecting", "connected", "disconnected"]
 

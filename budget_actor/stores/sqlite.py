@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import IO, Any
 
-from ._records import iso_utc
-from ._store import Store, StoreError
+from ..core.records import iso_utc
+from .store import Store, StoreError
 
 _SCHEMA = (
     (

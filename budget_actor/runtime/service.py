@@ -27,10 +27,16 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import trio
 
-from ._actor import BudgetActor, drain_spill, run_supervised
-from ._config import BudgetConfig
-from ._fanout import Published, Subscription
-from ._messages import (
+from ..core.config import BudgetConfig
+from ..core.views import Admission, Health, Update
+from ..core.wire import CostRequest, WireError, cost_request
+from ..stores.open import open_store
+from ..stores.spill import SpillFile, claim
+from ..stores.sqlite import SqliteStore
+from ..stores.store import Store, StoreError
+from .actor import BudgetActor, drain_spill, run_supervised
+from .fanout import Published, Subscription
+from .messages import (
     Admit,
     CostReceipt,
     CountCycle,
@@ -43,12 +49,7 @@ from ._messages import (
     Subscribe,
     Unsubscribe,
 )
-from ._spill import SpillFile, claim
-from ._store import Store, StoreError, open_store
-from ._store_sqlite import SqliteStore
-from ._supervisor import RestartPolicy
-from ._views import Admission, Health, Update
-from ._wire import CostRequest, WireError, cost_request
+from .supervisor import RestartPolicy
 
 # Bounded, so that a flood of costs slows its senders (backpressure) instead of
 # growing memory without limit. Large enough that the actor drains it in

@@ -38,10 +38,10 @@ from datetime import datetime
 import msgspec
 import trio
 
-from ._messages import CostReceipt, Message, Reply, StoreReport, Uncount
-from ._records import Alert, JournalEntry, Snapshot
-from ._spill import SpillFile
-from ._store import JournalBatch, Store, StoreError
+from ..core.records import Alert, JournalEntry, Snapshot
+from ..stores.spill import SpillFile
+from ..stores.store import JournalBatch, Store, StoreError
+from .messages import CostReceipt, Message, Reply, StoreReport, Uncount
 
 log = logging.getLogger("budget_actor.persister")
 

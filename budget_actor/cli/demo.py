@@ -21,10 +21,10 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from ._config import make_config
-from ._server import serve
-from ._service import open_budget
-from ._store import open_store
+from ..core.config import make_config
+from ..net.server import serve
+from ..runtime.service import open_budget
+from ..stores.open import open_store
 
 MODELS = {
     "claude-haiku": Decimal("0.0421"),

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from ._money import DEFAULT_MAX_COST, InvalidAmount, parse_usd
+from .money import DEFAULT_MAX_COST, InvalidAmount, parse_usd
 
 DEFAULT_ALERT_TO = "AG Lu"
 DEFAULT_PERSIST_EVERY = 10

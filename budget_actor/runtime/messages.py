@@ -14,9 +14,9 @@ from typing import Generic, TypeVar
 import msgspec
 import trio
 
-from ._fanout import Subscription
-from ._records import Alert, JournalEntry, Others
-from ._views import Admission, Health
+from ..core.records import Alert, JournalEntry, Others
+from ..core.views import Admission, Health
+from .fanout import Subscription
 
 T = TypeVar("T")
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgspec
 
-from ._records import JournalEntry
+from ..core.records import JournalEntry
 
 log = logging.getLogger("budget_actor.spill")
 

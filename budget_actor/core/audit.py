@@ -8,8 +8,8 @@ from decimal import Decimal
 
 import msgspec
 
-from ._money import add, sub
-from ._records import JournalEntry, Snapshot
+from .money import add, sub
+from .records import JournalEntry, Snapshot
 
 
 class ShareCheck(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._views import Health
+from ..core.views import Health
 
 _PREFIX = "budget"
 

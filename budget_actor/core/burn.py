@@ -15,7 +15,7 @@ from collections import deque
 from datetime import datetime
 from decimal import Decimal
 
-from ._money import RATIO_CONTEXT
+from .money import RATIO_CONTEXT
 
 # Ten-second buckets: fine enough for a 5-minute rate, coarse enough that a
 # flood of costs touches one number.

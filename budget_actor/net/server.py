@@ -33,13 +33,9 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from . import _metrics, _page
-from ._access import Access, Role, TokenBucket, may
-from ._fanout import Published, Subscription
-from ._messages import CostReceipt, ServiceStopped
-from ._service import Budget
-from ._wire import Ack as AckMessage
-from ._wire import (
+from ..core.access import Access, Role, TokenBucket, may
+from ..core.wire import Ack as AckMessage
+from ..core.wire import (
     AdmitRequest,
     CostRequest,
     CycleRequest,
@@ -50,6 +46,11 @@ from ._wire import (
     decode,
     encode,
 )
+from ..runtime.fanout import Published, Subscription
+from ..runtime.messages import CostReceipt, ServiceStopped
+from ..runtime.service import Budget
+from . import metrics as _metrics
+from . import page as _page
 
 log = logging.getLogger("budget_actor.server")
 

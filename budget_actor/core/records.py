@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ._money import to_wire
+from .money import to_wire
 
 PATCH_TYPE = "budget"
 NUDGE_TYPE = "sibling_nudge"

@@ -22,12 +22,12 @@ from typing import Any, NoReturn
 
 import trio
 
-from ._access import Access, is_loopback
-from ._config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
-from ._server import ServerOptions, serve
-from ._service import open_budget
-from ._store import StoreError
-from ._supervisor import Escalation
+from ..core.access import Access, is_loopback
+from ..core.config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
+from ..net.server import ServerOptions, serve
+from ..runtime.service import open_budget
+from ..runtime.supervisor import Escalation
+from ..stores.store import StoreError
 
 log = logging.getLogger("budget_actor")
 
@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ._logs import LOG_FORMATS, configure
+    from .logs import LOG_FORMATS, configure
 
     # Defaults from the environment are not checked against `choices`.
     if args.log_format not in LOG_FORMATS:
@@ -348,7 +348,7 @@ async def _serve(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+    from .demo import run_demo
 
     if not 0 <= args.linger <= 86400:
         return _fail(f"`linger` must be in 0..86400 seconds, got {args.linger}")
@@ -360,10 +360,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from datetime import UTC, date, datetime
     from zoneinfo import ZoneInfo
 
-    from ._audit import audit
-    from ._records import Snapshot
-    from ._store import open_store
-    from ._store_postgres import PostgresStore
+    from ..core.audit import audit
+    from ..core.records import Snapshot
+    from ..stores.open import open_store
+    from ..stores.postgres import PostgresStore
 
     try:
         zone = ZoneInfo(args.timezone)
@@ -452,7 +452,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_watch(args: argparse.Namespace) -> int:
     from trio_websocket import HandshakeError
 
-    from . import _watch
+    from . import watch as _watch
 
     if not args.url.startswith(("ws://", "wss://")):
         return _fail(f"`url` must start with ws:// or wss://, got {args.url!r}")
@@ -490,9 +490,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
     from zoneinfo import ZoneInfo
 
-    from . import _report
-    from ._money import InvalidAmount, parse_usd
-    from ._store import open_store
+    from ..core.money import InvalidAmount, parse_usd
+    from ..stores.open import open_store
+    from . import report as _report
 
     try:
         zone = ZoneInfo(args.timezone)

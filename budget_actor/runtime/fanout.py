@@ -16,8 +16,8 @@ from collections import deque
 
 import trio
 
-from ._views import AlertNotice, Spend
-from ._wire import encode
+from ..core.views import AlertNotice, Spend
+from ..core.wire import encode
 
 # Alerts are a handful per day (one per threshold); a subscriber that has let
 # this many pile up is not reading at all. Past it the subscription is marked

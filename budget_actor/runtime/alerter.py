@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._messages import AlertDelivered, AlertWithdrawn, Message, Reply
-from ._persister import NudgeJob, PersistQueue
-from ._records import Alert
+from ..core.records import Alert
+from .messages import AlertDelivered, AlertWithdrawn, Message, Reply
+from .persister import NudgeJob, PersistQueue
 
 
 class AlertQueue:

@@ -35,11 +35,11 @@ from typing import TypeVar
 
 import trio
 
-from ._config import BudgetConfig
-from ._messages import Admit, Message, Synced
-from ._store import StoreError
-from ._store_postgres import PostgresStore
-from ._views import Admission
+from ..core.config import BudgetConfig
+from ..core.views import Admission
+from ..stores.postgres import PostgresStore
+from ..stores.store import StoreError
+from .messages import Admit, Message, Synced
 
 T = TypeVar("T")
 

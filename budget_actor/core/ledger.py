@@ -22,11 +22,11 @@ from typing import Literal
 
 import msgspec
 
-from ._burn import BurnRate, project
-from ._config import BudgetConfig
-from ._money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
-from ._records import Alert, JournalEntry, Others, Restored, Snapshot
-from ._views import Admission, Health, Spend
+from .burn import BurnRate, project
+from .config import BudgetConfig
+from .money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
+from .records import Alert, JournalEntry, Others, Restored, Snapshot
+from .views import Admission, Health, Spend
 
 # A shared budget's view of the other instances turns health "degraded" once
 # it is this many sync intervals old (and at least SYNC_STALE_MIN_S): a few

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from ._money import InvalidAmount, check_usd, parse_text, parse_usd, to_wire
-from ._views import Admission, AlertNotice, Health, Spend
+from .money import InvalidAmount, check_usd, parse_text, parse_usd, to_wire
+from .views import Admission, AlertNotice, Health, Spend
 
 # Bounds on free-text fields: long enough for any real id or model name,
 # short enough that a hostile client cannot make the dedupe set or the journal

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgspec
 
-from ._money import add
-from ._records import (
+from ..core.money import add
+from ..core.records import (
     NUDGE_TYPE,
     PATCH_TYPE,
     Alert,
@@ -395,27 +395,6 @@ class Store(ABC):
             (NUDGE_TYPE, f"budget_forecast_{day}"),
         )
         return sent, int(cur.fetchone()[0]) > 0
-
-
-def open_store(url: str, instance: str | None = None) -> Store:
-    """A store for ``url`` (``sqlite:///PATH`` or ``postgresql://…``), not yet opened.
-
-    ``instance`` names this service among those sharing a PostgreSQL budget
-    (default: host name and process id); SQLite ignores it.
-
-    Raises :class:`StoreError` for a URL of an unknown kind.
-    """
-    if url.startswith(("postgresql://", "postgres://")):
-        from ._store_postgres import PostgresStore
-
-        return PostgresStore(url, instance)
-    if url.startswith("sqlite:///"):
-        from ._store_sqlite import SqliteStore
-
-        return SqliteStore(url.removeprefix("sqlite:///"))
-    raise StoreError(
-        f"unsupported database URL {url.split('://')[0]!r}: use sqlite:///PATH or postgresql://…"
-    )
 
 
 _journal_encoder = msgspec.json.Encoder()

@@ -33,11 +33,16 @@ from datetime import datetime
 
 import trio
 
-from ._alerter import Alerter, AlertQueue
-from ._config import BudgetConfig
-from ._fanout import Published, Subscription
-from ._ledger import AlertDue, Effect, Ledger, PatchDue, day_of
-from ._messages import (
+from ..core.config import BudgetConfig
+from ..core.ledger import AlertDue, Effect, Ledger, PatchDue, day_of
+from ..core.views import Admission, AlertNotice
+from ..stores.postgres import PostgresStore
+from ..stores.spill import SpillFile
+from ..stores.store import Store
+from .alerter import Alerter, AlertQueue
+from .coordinator import AdmitQueue, Coordinator
+from .fanout import Published, Subscription
+from .messages import (
     Admit,
     AlertDelivered,
     AlertWithdrawn,
@@ -55,13 +60,8 @@ from ._messages import (
     Unsubscribe,
     fail_waiters,
 )
-from ._persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
-from ._shared import AdmitQueue, Coordinator
-from ._spill import SpillFile
-from ._store import Store
-from ._store_postgres import PostgresStore
-from ._supervisor import Escalation, RestartPolicy, Restarts, supervise
-from ._views import Admission, AlertNotice
+from .persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
+from .supervisor import Escalation, RestartPolicy, Restarts, supervise
 
 log = logging.getLogger("budget_actor.actor")
 

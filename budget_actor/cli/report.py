@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from ._money import RATIO_CONTEXT, add, to_wire
-from ._records import PATCH_TYPE, JournalEntry, Snapshot
-from ._store import Store
+from ..core.money import RATIO_CONTEXT, add, to_wire
+from ..core.records import PATCH_TYPE, JournalEntry, Snapshot
+from ..stores.store import Store
 
 By = Literal["model", "agent"]
 MAX_DAYS = 366

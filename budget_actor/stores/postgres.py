@@ -12,9 +12,9 @@ from typing import Any
 
 import psycopg
 
-from ._audit import ShareCheck
-from ._money import MONEY_CONTEXT, add, sub
-from ._records import (
+from ..core.audit import ShareCheck
+from ..core.money import MONEY_CONTEXT, add, sub
+from ..core.records import (
     NUDGE_TYPE,
     PATCH_TYPE,
     Alert,
@@ -24,8 +24,8 @@ from ._records import (
     Snapshot,
     WriteResult,
 )
-from ._store import JournalBatch, Store, StoreError
-from ._views import Admission
+from ..core.views import Admission
+from .store import JournalBatch, Store, StoreError
 
 # A dead server must surface as an error quickly, so that health turns
 # "degraded" and costs spill, instead of hanging the persister's worker thread.
