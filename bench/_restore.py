@@ -15,6 +15,7 @@ import psycopg
 import trio
 
 import budget_actor
+from budget_actor.core.cost import Cost
 from budget_actor.core.ledger import day_of
 from budget_actor.core.records import JournalEntry, Snapshot
 from budget_actor.stores.open import open_store
@@ -53,7 +54,7 @@ def _prepare(url: str) -> tuple[Snapshot, float]:
     now = datetime.now(UTC)
     day = day_of(now, budget_actor.BudgetConfig())
     entries = [
-        JournalEntry(seq=i, day=day, dispatch_id=f"restore-{i:07d}", usd=USD, at=now)
+        JournalEntry(seq=i, day=day, at=now, cost=Cost(f"restore-{i:07d}", USD))
         for i in range(1, COSTS + 1)
     ]
     patch = _patch(day)

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 import budget_actor
+from budget_actor.core.cost import Cost
 from budget_actor.runtime.actor import MAX_BATCH
 from budget_actor.runtime.messages import RecordCost
 from budget_actor.runtime.service import MAILBOX_SIZE
@@ -124,10 +125,7 @@ def ingest() -> list[Row]:
     """Costs/s into the real actor via ``send_cost`` vs. a bare channel loop."""
     dispatch_ids = _dispatch_ids(INGEST_COSTS)
     # Built exactly as Budget.submit builds them for a fire-and-forget cost.
-    messages = [
-        RecordCost(dispatch_id, INGEST_USD, None, None, None, None, None)
-        for dispatch_id in dispatch_ids
-    ]
+    messages = [RecordCost(Cost(dispatch_id, INGEST_USD)) for dispatch_id in dispatch_ids]
     actor_rates: list[float] = []
     bare_rates: list[float] = []
     pending: list[int] = []

@@ -14,9 +14,10 @@ serve``); the command line is ``budget_actor._cli``.
 """
 
 from .core.config import BudgetConfig, ConfigError, make_config
+from .core.cost import InvalidCost
 from .core.views import Admission, AlertNotice, Health, Spend, Update
 from .runtime.messages import ServiceStopped
-from .runtime.service import Budget, InvalidCost, Receipt, open_budget
+from .runtime.service import Budget, Receipt, open_budget
 from .runtime.supervisor import Escalation, RestartPolicy
 from .stores.open import open_store
 from .stores.store import Store, StoreError

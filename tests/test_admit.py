@@ -10,6 +10,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from budget_actor import make_config, open_budget
+from budget_actor.core.cost import Cost
 from budget_actor.core.ledger import Ledger
 from budget_actor.net.server import serve
 
@@ -24,14 +25,14 @@ def _h(ledger: Ledger, now: datetime = T0) -> tuple[Decimal, Decimal]:
 
 def test_reserve_settle_and_refuse() -> None:
     ledger = Ledger(CONFIG, T0)
-    ledger.record(T0, "earlier", Decimal("6"))
+    ledger.record(T0, Cost("earlier", Decimal("6")))
     first, _ = ledger.admit(T0, "a", Decimal("3"))
     assert (first.allowed, first.remaining) == (True, Decimal("1.00"))
     refused, _ = ledger.admit(T0, "b", Decimal("1.01"))
     assert (refused.allowed, refused.remaining) == (False, Decimal("1.00"))
     assert refused.reason is not None and "exceeds" in refused.reason
     assert _h(ledger) == (Decimal("6"), Decimal("3"))
-    ledger.record(T0, "a", Decimal("2.5"))  # settles at the real cost
+    ledger.record(T0, Cost("a", Decimal("2.5")))  # settles at the real cost
     assert _h(ledger) == (Decimal("8.5"), Decimal("0"))
     again, _ = ledger.admit(T0, "a", Decimal("0.1"))
     assert not again.allowed and again.reason == "this dispatch_id was already counted today"
@@ -58,7 +59,7 @@ def test_concurrent_admitters_never_overrun_the_cap() -> None:
     assert allowed.count(True) == 33  # 33 * 0.30 = 9.90; the 34th would pass 10.00
     for i, ok in enumerate(allowed):
         if ok:
-            ledger.record(T0, f"d{i}", Decimal("0.30"))
+            ledger.record(T0, Cost(f"d{i}", Decimal("0.30")))
     assert ledger.daily_spend == Decimal("9.90") <= CONFIG.daily_cap
 
 

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 from budget_actor import make_config, open_budget, open_store
 from budget_actor.core.audit import audit
+from budget_actor.core.cost import Cost
 from budget_actor.core.records import JournalEntry, Snapshot
 
 from ._helpers import rows
@@ -19,7 +20,7 @@ T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
 def _e(seq: int, usd: str, dispatch_id: str | None = None) -> JournalEntry:
     return JournalEntry(
-        seq=seq, day="2026-12-01", dispatch_id=dispatch_id or f"d{seq}", usd=Decimal(usd), at=T0
+        seq=seq, day="2026-12-01", at=T0, cost=Cost(dispatch_id or f"d{seq}", Decimal(usd))
     )
 
 

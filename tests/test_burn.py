@@ -9,6 +9,7 @@ import pytest
 
 from budget_actor.core.burn import BurnRate, project
 from budget_actor.core.config import make_config
+from budget_actor.core.cost import Cost
 from budget_actor.core.ledger import AlertDue, Ledger, day_bounds
 
 MIDNIGHT = datetime(2026, 12, 1, tzinfo=UTC)
@@ -59,7 +60,7 @@ def test_health_reports_burn_and_projection() -> None:
     ledger = Ledger(make_config(daily_cap="100"), MIDNIGHT + timedelta(hours=11))
     for minute in range(60):
         at = MIDNIGHT + timedelta(hours=11, minutes=minute)
-        ledger.record(at, f"d{minute}", Decimal("0.05"))
+        ledger.record(at, Cost(f"d{minute}", Decimal("0.05")))
     noon = MIDNIGHT + timedelta(hours=12)
     health = ledger.health(noon, store="sqlite", subscribers=0, uptime_s=0)
     assert health.burn_rate_60m == Decimal("3")
@@ -72,7 +73,7 @@ def test_forecast_alert_fires_once_and_not_after_the_cap() -> None:
     ledger = Ledger(config, start)
     assert ledger.tick(start + timedelta(minutes=1)) == []  # nothing spent: no projection
     # $3 in the last hour of a fresh day: $3/h, so 3 + 3 * 3.95 h > 10 at 20:03.
-    ledger.record(start + timedelta(minutes=2), "a", Decimal("3"))
+    ledger.record(start + timedelta(minutes=2), Cost("a", Decimal("3")))
     effects = ledger.tick(start + timedelta(minutes=3))
     assert len(effects) == 1 and isinstance(effects[0], AlertDue)
     alert = effects[0].alert
@@ -80,10 +81,10 @@ def test_forecast_alert_fires_once_and_not_after_the_cap() -> None:
     assert alert.projected_spend is not None and alert.projected_spend > 10
     assert ledger.tick(start + timedelta(minutes=4)) == []
     off = Ledger(make_config(daily_cap="10"), start)
-    off.record(start + timedelta(minutes=2), "a", Decimal("3"))
+    off.record(start + timedelta(minutes=2), Cost("a", Decimal("3")))
     assert off.tick(start + timedelta(minutes=3)) == []
     over = Ledger(config, start)
-    over.record(start, "a", Decimal("11"))
+    over.record(start, Cost("a", Decimal("11")))
     assert [e for e in over.tick(start + timedelta(minutes=3)) if e.alert.kind == "forecast"] == []  # type: ignore[union-attr]
 
 

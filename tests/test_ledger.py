@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from budget_actor.core.config import make_config
+from budget_actor.core.cost import Cost
 from budget_actor.core.ledger import AlertDue, Ledger, PatchDue, day_of
 from budget_actor.core.records import JournalEntry, Others, Restored, Snapshot
 
@@ -20,7 +21,7 @@ CONFIG = make_config(daily_cap="10.00", alert_at="0.5,0.8", persist_every=3)
 def test_costs_accumulate_exactly() -> None:
     ledger = Ledger(CONFIG, T0)
     for i, usd in enumerate(["0.1", "0.2", "0.000001"]):
-        ledger.record(T0, f"d{i}", Decimal(usd))
+        ledger.record(T0, Cost(f"d{i}", Decimal(usd)))
     assert ledger.daily_spend == Decimal("0.300001")
     health = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert health.dispatches == 3
@@ -30,8 +31,8 @@ def test_costs_accumulate_exactly() -> None:
 
 def test_duplicate_id_counts_once_and_returns_original_seq() -> None:
     ledger = Ledger(CONFIG, T0)
-    first = ledger.record(T0, "same", Decimal("1"))
-    again = ledger.record(T0, "same", Decimal("5"))
+    first = ledger.record(T0, Cost("same", Decimal("1")))
+    again = ledger.record(T0, Cost("same", Decimal("5")))
     assert (first.duplicate, again.duplicate) == (False, True)
     assert again.seq == first.seq and again.entry is None
     assert ledger.daily_spend == Decimal("1")
@@ -39,31 +40,31 @@ def test_duplicate_id_counts_once_and_returns_original_seq() -> None:
 
 def test_seq_grows_with_every_accepted_cost_only() -> None:
     ledger = Ledger(CONFIG, T0, seq=41)
-    seqs = [ledger.record(T0, d, Decimal("0.01")).seq for d in ["a", "b", "a", "c"]]
+    seqs = [ledger.record(T0, Cost(d, Decimal("0.01"))).seq for d in ["a", "b", "a", "c"]]
     assert seqs == [42, 43, 42, 44]
 
 
 def test_each_threshold_fires_once_per_day_in_order() -> None:
     ledger = Ledger(CONFIG, T0)
-    assert ledger.record(T0, "a", Decimal("4.99")).effects == ()
-    crossed = ledger.record(T0, "b", Decimal("3.01")).effects  # 8.00: both at once
+    assert ledger.record(T0, Cost("a", Decimal("4.99"))).effects == ()
+    crossed = ledger.record(T0, Cost("b", Decimal("3.01"))).effects  # 8.00: both at once
     assert [e.alert.threshold for e in crossed if isinstance(e, AlertDue)] == [
         Decimal("0.5"),
         Decimal("0.8"),
     ]
     assert all(e.alert.to == "AG Lu" for e in crossed if isinstance(e, AlertDue))
-    assert ledger.record(T0, "c", Decimal("5")).effects == ()
+    assert ledger.record(T0, Cost("c", Decimal("5"))).effects == ()
 
 
 def test_threshold_is_reached_at_exactly_the_boundary() -> None:
     ledger = Ledger(CONFIG, T0)
-    effects = ledger.record(T0, "a", Decimal("5.00")).effects
+    effects = ledger.record(T0, Cost("a", Decimal("5.00"))).effects
     assert [e.alert.percent for e in effects if isinstance(e, AlertDue)] == ["50"]
 
 
 def test_every_nth_cycle_asks_for_a_patch() -> None:
     ledger = Ledger(CONFIG, T0)
-    ledger.record(T0, "a", Decimal("1.5"))
+    ledger.record(T0, Cost("a", Decimal("1.5")))
     due = [ledger.cycle(T0) for _ in range(6)]
     assert [len(d) for d in due] == [0, 0, 1, 0, 0, 1]
     patch = due[2][0]
@@ -75,10 +76,10 @@ def test_every_nth_cycle_asks_for_a_patch() -> None:
 
 def test_rollover_persists_old_day_and_rearms_alerts() -> None:
     ledger = Ledger(CONFIG, T0)
-    ledger.record(T0, "a", Decimal("9"))
+    ledger.record(T0, Cost("a", Decimal("9")))
     ledger.cycle(T0)
     tomorrow = T0 + timedelta(days=1)
-    recorded = ledger.record(tomorrow, "a", Decimal("6"))  # same id, new day: counts
+    recorded = ledger.record(tomorrow, Cost("a", Decimal("6")))  # same id, new day: counts
     rolled = recorded.effects[0]
     assert isinstance(rolled, PatchDue) and rolled.reason == "rollover"
     assert rolled.snapshot.day == "2026-12-01" and rolled.snapshot.daily_spend == Decimal("9")
@@ -103,7 +104,7 @@ def test_day_follows_the_configured_time_zone() -> None:
 def test_clock_going_backwards_never_reopens_a_day() -> None:
     ledger = Ledger(CONFIG, T0 + timedelta(days=1))
     assert ledger.tick(T0) == []
-    ledger.record(T0, "a", Decimal("1"))
+    ledger.record(T0, Cost("a", Decimal("1")))
     assert ledger.day == "2026-12-02" and ledger.daily_spend == Decimal("1")
 
 
@@ -116,14 +117,14 @@ def test_unvalidated_amount_is_refused_without_change() -> None:
     ledger = Ledger(CONFIG, T0)
     for bad in [Decimal("NaN"), Decimal("-1"), Decimal("Infinity")]:
         with pytest.raises(ValueError):
-            ledger.record(T0, "x", bad)
+            ledger.record(T0, Cost("x", bad))
     assert ledger.seq == 0 and ledger.daily_spend == 0
 
 
 def test_store_failure_degrades_until_caught_up() -> None:
     ledger = Ledger(CONFIG, T0)
-    ledger.record(T0, "a", Decimal("1"))
-    ledger.record(T0, "b", Decimal("1"))
+    ledger.record(T0, Cost("a", Decimal("1")))
+    ledger.record(T0, Cost("b", Decimal("1")))
 
     def health() -> tuple[str, bool, int]:
         h = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
@@ -162,7 +163,7 @@ def test_restore_is_patch_plus_later_journal() -> None:
         alerts_sent=(),
         seq=7,
     )
-    entry = JournalEntry(seq=8, day="2026-12-01", dispatch_id="late", usd=Decimal("0.25"), at=T0)
+    entry = JournalEntry(seq=8, day="2026-12-01", at=T0, cost=Cost("late", Decimal("0.25")))
     ledger, effects = Ledger.restore(
         CONFIG,
         T0,
@@ -173,7 +174,7 @@ def test_restore_is_patch_plus_later_journal() -> None:
     assert ledger.seq == 8
     h = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert (h.dispatches, h.cycle_count) == (8, 20)
-    again = ledger.record(T0, "x", Decimal("1"))
+    again = ledger.record(T0, Cost("x", Decimal("1")))
     assert again.duplicate and again.seq == 3  # the original's seq, from the journal
 
 
@@ -194,7 +195,7 @@ def test_restore_trusts_nudge_rows_not_the_patch_for_sent_alerts() -> None:
 
 
 def test_restore_sends_a_missing_alert_but_never_a_sent_one() -> None:
-    entry = JournalEntry(seq=1, day="2026-12-01", dispatch_id="a", usd=Decimal("9"), at=T0)
+    entry = JournalEntry(seq=1, day="2026-12-01", at=T0, cost=Cost("a", Decimal("9")))
     _, effects = Ledger.restore(
         CONFIG,
         T0,
@@ -246,7 +247,7 @@ def test_daily_spend_is_the_exact_sum_of_accepted_costs(
             ledger.cycle(now)
             continue
         day = day_of(now, config)
-        recorded = ledger.record(now, f"id{n}", usd)
+        recorded = ledger.record(now, Cost(f"id{n}", usd))
         ids = seen.setdefault(day, set())
         assert recorded.duplicate == (f"id{n}" in ids)
         if not recorded.duplicate:
@@ -280,7 +281,7 @@ def _shared_ledger() -> Ledger:
 
 def test_shared_views_are_global_with_the_own_share_beside_them() -> None:
     ledger = _shared_ledger()
-    ledger.record(T0, "mine", Decimal("1.25"))
+    ledger.record(T0, Cost("mine", Decimal("1.25")))
     ledger.synced(T0, _others("2.5", dispatches=3))
     spend = ledger.spend()
     assert (spend.daily_spend, spend.dispatches) == (Decimal("3.75"), 4)
@@ -297,7 +298,7 @@ def test_shared_views_are_global_with_the_own_share_beside_them() -> None:
     )
     assert health.cycle_count == 4 and health.instance_spend == Decimal("1.25")
     # Own costs keep adding to the global figure between syncs.
-    ledger.record(T0, "more", Decimal("0.25"))
+    ledger.record(T0, Cost("more", Decimal("0.25")))
     assert ledger.spend().daily_spend == Decimal("4.00")
 
 
@@ -308,7 +309,7 @@ def test_alone_the_instance_fields_are_omitted() -> None:
 
 def test_a_sync_that_crosses_a_threshold_makes_the_alert_due() -> None:
     ledger = _shared_ledger()
-    ledger.record(T0, "mine", Decimal("1"))
+    ledger.record(T0, Cost("mine", Decimal("1")))
     effects = ledger.synced(T0, _others("7"))
     alerts = [e.alert for e in effects if isinstance(e, AlertDue)]
     assert [a.threshold for a in alerts] == [Decimal("0.5"), Decimal("0.8")]
@@ -325,20 +326,20 @@ def test_a_sync_of_another_day_is_ignored() -> None:
 
 def test_uncount_takes_a_cross_instance_duplicate_back_out() -> None:
     ledger = _shared_ledger()
-    first = ledger.record(T0, "x", Decimal("2"))
+    first = ledger.record(T0, Cost("x", Decimal("2")))
     ledger.synced(T0, _others("1"))
     before = ledger.version
     assert first.entry is not None
     ledger.uncount(first.entry, original_seq=7)
     assert (ledger.spend().daily_spend, ledger.spend().instance_dispatches) == (Decimal("1"), 0)
     assert ledger.version > before and ledger.duplicates == 1
-    again = ledger.record(T0, "x", Decimal("2"))
+    again = ledger.record(T0, Cost("x", Decimal("2")))
     assert (again.duplicate, again.seq) == (True, 7) and first.seq != 7
 
 
 def test_a_withdrawn_alert_is_armed_again_and_rechecked() -> None:
     ledger = _shared_ledger()
-    recorded = ledger.record(T0, "x", Decimal("8"))
+    recorded = ledger.record(T0, Cost("x", Decimal("8")))
     (alert,) = [
         e.alert
         for e in recorded.effects
@@ -348,7 +349,7 @@ def test_a_withdrawn_alert_is_armed_again_and_rechecked() -> None:
     ledger.uncount(recorded.entry, original_seq=3)
     assert ledger.withdraw(T0, alert) == []  # 0 now: armed, not due
     assert ledger.health(T0, store="p", subscribers=0, uptime_s=0).alerts_sent == (0.5,)
-    again = ledger.record(T0, "y", Decimal("8.5")).effects
+    again = ledger.record(T0, Cost("y", Decimal("8.5"))).effects
     assert [e.alert.threshold for e in again if isinstance(e, AlertDue)] == [Decimal("0.8")]
 
 
@@ -386,9 +387,9 @@ def test_uncount_of_an_entry_this_ledger_did_not_count_changes_nothing() -> None
     """A restarted actor restored its share without the cost; a late report
     from its predecessor's final flush must not subtract it again."""
     ledger = _shared_ledger()
-    ledger.record(T0, "mine", Decimal("1.5"))
-    ledger.record(T0, "x", Decimal("2"))
-    stale = JournalEntry(seq=99, day="2026-12-01", dispatch_id="x", usd=Decimal("2"), at=T0)
+    ledger.record(T0, Cost("mine", Decimal("1.5")))
+    ledger.record(T0, Cost("x", Decimal("2")))
+    stale = JournalEntry(seq=99, day="2026-12-01", at=T0, cost=Cost("x", Decimal("2")))
     ledger.uncount(stale, original_seq=4)
     assert ledger.spend().instance_spend == Decimal("3.5")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from budget_actor import Budget, make_config, open_budget
+from budget_actor.core.cost import Cost
 from budget_actor.core.records import JournalEntry
 from budget_actor.runtime.service import default_spill_path
 from budget_actor.stores.open import open_store
@@ -190,7 +191,7 @@ async def test_spilled_costs_of_an_earlier_day_rebuild_its_patch(
     spill.open()
     spill.append(
         [
-            JournalEntry(seq=seq, day="2026-11-30", dispatch_id=d, usd=Decimal(u), at=day)
+            JournalEntry(seq=seq, day="2026-11-30", at=day, cost=Cost(d, Decimal(u)))
             for seq, d, u in [(2, "b", "0.50"), (3, "c", "0.25")]
         ]
     )
@@ -243,9 +244,8 @@ def _spilled(dispatch_id: str, usd: str) -> JournalEntry:
     return JournalEntry(
         seq=1 if dispatch_id.endswith("1") else 2,
         day=datetime.now(UTC).date().isoformat(),
-        dispatch_id=dispatch_id,
-        usd=Decimal(usd),
         at=datetime.now(UTC),
+        cost=Cost(dispatch_id, Decimal(usd)),
     )
 
 

@@ -23,6 +23,7 @@ from budget_actor.cli.report import (
     to_json,
     to_table,
 )
+from budget_actor.core.cost import Cost
 from budget_actor.core.records import JournalEntry, Snapshot
 from budget_actor.stores.open import open_store
 
@@ -43,13 +44,15 @@ def _e(
     return JournalEntry(
         seq=seq,
         day=day,
-        dispatch_id=f"d{seq}",
-        usd=Decimal(usd),
         at=T0,
-        model=model,
-        agent=agent,
-        input_tokens=tokens[0],
-        output_tokens=tokens[1],
+        cost=Cost(
+            f"d{seq}",
+            Decimal(usd),
+            model=model,
+            input_tokens=tokens[0],
+            output_tokens=tokens[1],
+            agent=agent,
+        ),
     )
 
 

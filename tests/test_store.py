@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from budget_actor import StoreError, open_store
+from budget_actor.core.cost import Cost
 from budget_actor.core.records import Alert, JournalEntry, Snapshot
 from budget_actor.stores.postgres import PostgresStore
 from budget_actor.stores.store import Store
@@ -21,7 +22,7 @@ DAY = "2026-12-01"
 
 def _entry(seq: int, dispatch_id: str, usd: str, day: str = DAY) -> JournalEntry:
     return JournalEntry(
-        seq=seq, day=day, dispatch_id=dispatch_id, usd=Decimal(usd), at=T0, model="m", agent="a"
+        seq=seq, day=day, at=T0, cost=Cost(dispatch_id, Decimal(usd), model="m", agent="a")
     )
 
 
@@ -83,12 +84,16 @@ def test_round_trip_restores_patch_plus_later_journal(store: Store) -> None:
         assert restored.others is not None and restored.others.spend == 0
     else:
         assert restored.patch == _snapshot(2, "0.3")
-        assert [e.dispatch_id for e in restored.entries] == ["c"]
-        assert restored.entries[0].usd == Decimal("0.000000000001")
-        assert restored.entries[0].model == "m" and restored.entries[0].at == T0
+        assert [e.cost.dispatch_id for e in restored.entries] == ["c"]
+        assert restored.entries[0].cost.usd == Decimal("0.000000000001")
+        assert restored.entries[0].cost.model == "m" and restored.entries[0].at == T0
     assert restored.dispatch_ids == {"a": 1, "b": 2, "c": 3}
     assert restored.max_seq == 3
-    assert [e.usd for e in store.journal(DAY)] == [Decimal("0.1"), Decimal("0.2"), entries[2].usd]
+    assert [e.cost.usd for e in store.journal(DAY)] == [
+        Decimal("0.1"),
+        Decimal("0.2"),
+        entries[2].cost.usd,
+    ]
 
 
 def test_other_days_are_not_restored(store: Store) -> None:
@@ -304,7 +309,7 @@ def test_both_instances_may_use_the_same_seq(pair: tuple[PostgresStore, Postgres
     a, b = pair
     a.write([_entry(1, "x", "1")], [], [], T0)
     assert b.write([_entry(1, "y", "2")], [], [], T0).duplicates == {}
-    assert sorted(e.dispatch_id for e in a.journal(DAY)) == ["x", "y"]
+    assert sorted(e.cost.dispatch_id for e in a.journal(DAY)) == ["x", "y"]
 
 
 def test_the_patch_is_the_sum_of_every_share(pair: tuple[PostgresStore, PostgresStore]) -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from budget_actor.core.cost import Cost
 from budget_actor.core.wire import (
-    CostRequest,
     CycleRequest,
     HealthRequest,
     SubscribeRequest,
@@ -30,12 +30,12 @@ def test_valid_requests() -> None:
     assert decode('{"type":"cycle"}', max_cost=MAX) == CycleRequest()
     assert decode('{"type":"health","id":"q1"}', max_cost=MAX) == HealthRequest(id="q1")
     cost = decode(_cost(model="m", input_tokens=10, output_tokens=0, agent="a"), max_cost=MAX)
-    assert cost == CostRequest("d-1", Decimal("0.5"), "m", 10, 0, "a")
+    assert cost == Cost("d-1", Decimal("0.5"), "m", 10, 0, "a")
 
 
 def test_a_json_number_is_read_exactly_from_its_text() -> None:
     request = decode('{"type":"cost","dispatch_id":"x","usd":0.045864}', max_cost=MAX)
-    assert isinstance(request, CostRequest) and request.usd == Decimal("0.045864")
+    assert isinstance(request, Cost) and request.usd == Decimal("0.045864")
     huge_precision = '{"type":"cost","dispatch_id":"x","usd":0.100000000001}'
     assert decode(huge_precision, max_cost=MAX).usd == Decimal("0.100000000001")  # type: ignore[union-attr]
 
@@ -97,7 +97,7 @@ def test_negative_zero_is_zero() -> None:
         '{"type":"cost","dispatch_id":"x","usd":-0.0}',
     ]:
         request = decode(frame, max_cost=MAX)
-        assert isinstance(request, CostRequest) and str(request.usd) in {"0", "0.0"}
+        assert isinstance(request, Cost) and str(request.usd) in {"0", "0.0"}
 
 
 def test_amounts_are_encoded_in_plain_notation() -> None:
@@ -125,7 +125,7 @@ def test_decode_is_total_on_arbitrary_text(frame: str) -> None:
     except WireError as exc:
         assert exc.code in {"invalid_message", "invalid_cost"}
         return
-    if isinstance(request, CostRequest):
+    if isinstance(request, Cost):
         assert request.usd.is_finite() and 0 <= request.usd <= MAX
 
 
@@ -156,6 +156,6 @@ def test_decode_is_total_on_structured_junk(message: dict[str, object]) -> None:
     except WireError as exc:
         assert exc.detail
         return
-    if isinstance(request, CostRequest):
+    if isinstance(request, Cost):
         assert request.usd.is_finite() and 0 <= request.usd <= MAX
         assert isinstance(request.dispatch_id, str) and request.dispatch_id

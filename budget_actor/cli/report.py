@@ -75,12 +75,13 @@ def breakdown(entries: Iterable[JournalEntry], by: By) -> tuple[Group, ...]:
     (ties by name; costs without a name last among equals)."""
     sums: dict[str | None, list[Any]] = {}
     for entry in entries:
-        key = entry.model if by == "model" else entry.agent
+        cost = entry.cost
+        key = cost.model if by == "model" else cost.agent
         row = sums.setdefault(key, [Decimal(0), 0, 0, 0])
-        row[0] = add(row[0], entry.usd)
+        row[0] = add(row[0], cost.usd)
         row[1] += 1
-        row[2] += entry.input_tokens or 0
-        row[3] += entry.output_tokens or 0
+        row[2] += cost.input_tokens or 0
+        row[3] += cost.output_tokens or 0
     groups = [
         Group(key=key, spend=s, dispatches=n, input_tokens=i, output_tokens=o)
         for key, (s, n, i, o) in sums.items()
@@ -119,7 +120,7 @@ def summarize_day(
     """One day's row from its journal entries and its budget patch body (or None)."""
     spend = Decimal(0)
     for entry in entries:
-        spend = add(spend, entry.usd)
+        spend = add(spend, entry.cost.usd)
     dispatches = len(entries)
     snapshot = Snapshot.from_body(patch) if patch is not None else None
     if snapshot is not None and not entries:

@@ -97,13 +97,14 @@ def audit(
     seen: set[str] = set()
     duplicates: list[str] = []
     for entry in entries:
-        total = add(total, entry.usd)
+        cost = entry.cost
+        total = add(total, cost.usd)
         count += 1
-        if entry.dispatch_id in seen:
-            duplicates.append(entry.dispatch_id)
-        seen.add(entry.dispatch_id)
+        if cost.dispatch_id in seen:
+            duplicates.append(cost.dispatch_id)
+        seen.add(cost.dispatch_id)
         if patch is not None and entry.seq <= patch.seq:
-            at_patch = add(at_patch, entry.usd)
+            at_patch = add(at_patch, cost.usd)
             at_count += 1
     if patch is None:
         at_patch, at_count = total, count

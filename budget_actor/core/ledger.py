@@ -24,6 +24,7 @@ import msgspec
 
 from .burn import BurnRate, project
 from .config import BudgetConfig
+from .cost import Cost
 from .money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
 from .records import Alert, JournalEntry, Others, Restored, Snapshot
 from .views import Admission, Health, Spend
@@ -182,9 +183,9 @@ class Ledger:
         today.forecast_sent = restored.forecast_sent
         today.seen.update(restored.dispatch_ids)
         for entry in restored.entries:
-            today.spend = add(today.spend, entry.usd)
+            today.spend = add(today.spend, entry.cost.usd)
             today.dispatches += 1
-            today.seen[entry.dispatch_id] = entry.seq
+            today.seen[entry.cost.dispatch_id] = entry.seq
         today.total = today.spend
         if restored.others is not None and restored.others.day == today.day:
             today.others = restored.others
@@ -214,23 +215,18 @@ class Ledger:
         self.version += 1
         return [PatchDue(old, "rollover")]
 
-    def record(
-        self,
-        now: datetime,
-        dispatch_id: str,
-        usd: Decimal,
-        *,
-        model: str | None = None,
-        agent: str | None = None,
-        input_tokens: int | None = None,
-        output_tokens: int | None = None,
-    ) -> Recorded:
-        """Count one cost, unless its ``dispatch_id`` was already counted today."""
+    def record(self, now: datetime, cost: Cost) -> Recorded:
+        """Count one cost, unless its ``dispatch_id`` was already counted today.
+
+        ``cost`` is kept as it is, inside the journal entry of the answer.
+        """
+        usd = cost.usd
         if not usd.is_finite() or usd < 0:
             raise ValueError(f"unvalidated amount reached the ledger: {usd}")
         # Only a date comparison per cost: the day is worked out once a day.
         effects = self._roll(now) if now >= self._today.ends_at else []
         today = self._today
+        dispatch_id = cost.dispatch_id
         original = today.seen.get(dispatch_id)
         if original is not None:
             self.duplicates += 1
@@ -244,17 +240,7 @@ class Ledger:
         if today.reservations:
             self._release(dispatch_id)
         today.burn.observe(now, today.spend)
-        entry = JournalEntry(
-            seq=self._seq,
-            day=today.day,
-            dispatch_id=dispatch_id,
-            usd=usd,
-            at=now,
-            model=model,
-            agent=agent,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-        )
+        entry = JournalEntry(seq=self._seq, day=today.day, at=now, cost=cost)
         if today.next_alert_at is not None and today.total >= today.next_alert_at:
             effects.extend(self._crossings(now))
         return Recorded(self._seq, False, entry, tuple(effects))
@@ -291,7 +277,7 @@ class Ledger:
         restored since then never counted it, and must not subtract it.
         """
         today = self._today
-        dispatch_id, usd = entry.dispatch_id, entry.usd
+        dispatch_id, usd = entry.cost.dispatch_id, entry.cost.usd
         self.duplicates += 1
         if entry.day != today.day or today.seen.get(dispatch_id) != entry.seq:
             return  # not counted here (or that day is closed): nothing to undo

@@ -12,6 +12,8 @@ import decimal
 import re
 from decimal import Decimal
 
+import msgspec
+
 # A dedicated context for sums. Inexact is trapped: a sum that cannot be held
 # exactly raises instead of being rounded, so the money is exact or it is an
 # error, never a guess. 200 digits hold any sum of amounts of at most
@@ -45,8 +47,10 @@ class InvalidAmount(ValueError):
 def parse_usd(value: object, *, field: str = "usd", maximum: Decimal | None = None) -> Decimal:
     """Return ``value`` as an exact, validated :class:`Decimal`.
 
-    Accepts a ``Decimal``, an ``int`` or a decimal string. Floats are refused:
-    a binary float has already lost the exact amount.
+    Accepts a ``Decimal``, an ``int``, a decimal string, or the raw JSON text
+    of an amount (``msgspec.Raw``: a JSON string or number, read exactly from
+    its text). Floats are refused: a binary float has already lost the exact
+    amount.
 
     Raises :class:`InvalidAmount`, whose message names ``field``, when the value
     is not a number, NaN, infinite, negative, too precise, too long, or above
@@ -62,6 +66,8 @@ def parse_usd(value: object, *, field: str = "usd", maximum: Decimal | None = No
         amount = Decimal(value)
     elif isinstance(value, str):
         amount = parse_text(value, field=field)
+    elif isinstance(value, msgspec.Raw):
+        amount = _parse_json(bytes(value), field)
     else:
         raise InvalidAmount(
             f"`{field}` must be a decimal string or number, got {type(value).__name__}"
@@ -81,6 +87,21 @@ def parse_text(text: str, *, field: str = "usd") -> Decimal:
     if not _AMOUNT_TEXT.fullmatch(text):
         raise InvalidAmount(f"`{field}` is not a decimal number: {text[:32]!r}")
     return Decimal(text)
+
+
+_json_string = msgspec.json.Decoder(str)
+
+
+def _parse_json(text: bytes, field: str) -> Decimal:
+    """The amount of a JSON value's text: a string holding a decimal, or a number."""
+    if text.startswith(b'"'):
+        try:
+            return parse_text(_json_string.decode(text), field=field)
+        except msgspec.DecodeError:
+            raise InvalidAmount(f"`{field}` is not a decimal number") from None
+    if text[:1].isdigit() or text.startswith(b"-"):
+        return parse_text(text.decode(), field=field)
+    raise InvalidAmount(f"`{field}` must be a decimal string or number")
 
 
 def check_usd(amount: Decimal, *, field: str = "usd", maximum: Decimal | None = None) -> Decimal:

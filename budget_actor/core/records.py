@@ -1,9 +1,10 @@
 """The values that cross from the accounting to the store and the wire.
 
 These are plain, immutable msgspec Structs: a budget patch snapshot, a journal
-entry for one accepted cost, an alert (sibling nudge), and what a store hands
-back on restore. They know how to render the database rows that the contract
-fixes (``quilt_patches``) so that both stores write byte-identical bodies.
+entry for one accepted cost (holding its :class:`~.cost.Cost`), an alert
+(sibling nudge), and what a store hands back on restore. They know how to
+render the database rows that the contract fixes (``quilt_patches``) so that
+both stores write byte-identical bodies.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from .cost import Cost
 from .money import to_wire
 
 PATCH_TYPE = "budget"
@@ -79,17 +81,13 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class JournalEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """One accepted cost, as the journal keeps it."""
+    """One accepted cost, as the journal keeps it: the :class:`Cost` as it was
+    decoded or built, with what counting it added (its number, day and time)."""
 
     seq: int
     day: str
-    dispatch_id: str
-    usd: Decimal
     at: datetime
-    model: str | None = None
-    agent: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    cost: Cost
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):

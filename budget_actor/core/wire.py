@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .money import InvalidAmount, check_usd, parse_text, parse_usd, to_wire
+from .cost import MAX_NAME_CHARS, Cost, InvalidCost, check_amount, check_dispatch_id, make_cost
+from .money import to_wire
 from .views import Admission, AlertNotice, Health, Spend
 
-# Bounds on free-text fields: long enough for any real id or model name,
-# short enough that a hostile client cannot make the dedupe set or the journal
-# hold megabytes per cost.
-MAX_ID_CHARS = 256
-MAX_NAME_CHARS = 256
-# Control characters (C0, DEL and C1, such as the terminal escape CSI) in ids
-# break logs and terminals; refuse them.
-_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
-
-DispatchId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=_PRINTABLE)]
-Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=_PRINTABLE)]
-TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+# A health request's id is echoed back: short and printable, as a cost's texts
+# (control characters break logs and terminals).
+_HealthId = Annotated[
+    str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")
+]
 
 ErrorCode = Literal[
     "invalid_message", "invalid_cost", "forbidden", "unauthorized", "too_large", "overloaded"
@@ -43,15 +37,20 @@ class SubscribeRequest(_Request, tag="subscribe"):
     pass
 
 
-class _CostFrame(_Request, tag="cost"):
-    dispatch_id: DispatchId
-    # Raw: the amount's JSON text, parsed by _money.parse_text. msgspec's own
-    # Decimal decoding would accept strings such as " 1 " or "1_0".
-    usd: msgspec.Raw
-    model: Name | None = None
-    input_tokens: TokenCount | None = None
-    output_tokens: TokenCount | None = None
-    agent: Name | None = None
+def _as_sent(cost: type[Cost]) -> list[tuple[str, Any, Any]]:
+    """A cost's fields as a frame carries them: the names, types and defaults
+    of :class:`Cost` itself, but the amount as its raw JSON text. msgspec's own
+    Decimal decoding would accept strings such as " 1 " or "1_0"; the text goes
+    to :func:`make_cost`, which alone judges every field."""
+    return [
+        (field.name, msgspec.Raw if field.name == "usd" else field.type, field.default)
+        for field in msgspec.structs.fields(cost)
+    ]
+
+
+# Derived from Cost, not written out again: a new field of a cost is a new
+# field of the frame.
+_CostFrame = msgspec.defstruct("_CostFrame", _as_sent(Cost), bases=(_Request,), tag="cost")
 
 
 class CycleRequest(_Request, tag="cycle"):
@@ -59,87 +58,12 @@ class CycleRequest(_Request, tag="cycle"):
 
 
 class HealthRequest(_Request, tag="health"):
-    id: Name | None = None
+    id: _HealthId | None = None
 
 
 class _AdmitFrame(_Request, tag="admit"):
-    dispatch_id: DispatchId
-    estimate_usd: msgspec.Raw
-
-
-class CostRequest(msgspec.Struct, frozen=True):
-    """A validated ``cost``: ``usd`` is exact, finite, ≥ 0 and ≤ the maximum."""
-
     dispatch_id: str
-    usd: Decimal
-    model: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    agent: str | None = None
-
-
-def cost_request(
-    dispatch_id: object,
-    usd: object,
-    *,
-    max_cost: Decimal,
-    model: object = None,
-    input_tokens: object = None,
-    output_tokens: object = None,
-    agent: object = None,
-) -> CostRequest:
-    """Validate a cost given as Python values, with the same rules as :func:`decode`.
-
-    ``usd`` is a Decimal, an int or a decimal string (never a float). Raises
-    :class:`WireError` naming the field. Written out by hand rather than with
-    ``msgspec.convert``: this runs once per in-process cost, and the checks are
-    few.
-    """
-    try:
-        value = parse_usd(usd, maximum=max_cost)
-    except InvalidAmount as exc:
-        raise WireError("invalid_cost", str(exc)) from None
-    checked_id = _text(dispatch_id, "dispatch_id", MAX_ID_CHARS, required=True)
-    assert checked_id is not None  # required=True
-    return CostRequest(
-        checked_id,
-        value,
-        _text(model, "model", MAX_NAME_CHARS),
-        _count(input_tokens, "input_tokens"),
-        _count(output_tokens, "output_tokens"),
-        _text(agent, "agent", MAX_NAME_CHARS),
-    )
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _text(value: object, field: str, max_chars: int, *, required: bool = False) -> str | None:
-    if value is None and not required:
-        return None
-    if type(value) is not str:
-        raise WireError(
-            "invalid_message", f"`{field}`: Expected `str`, got `{type(value).__name__}`"
-        )
-    if required and not value:
-        raise WireError("invalid_message", f"`{field}`: Expected `str` of length >= 1")
-    if len(value) > max_chars:
-        raise WireError("invalid_message", f"`{field}`: Expected `str` of length <= {max_chars}")
-    if _CONTROL.search(value):
-        raise WireError("invalid_message", f"`{field}`: control characters are not allowed")
-    return value
-
-
-def _count(value: object, field: str) -> int | None:
-    if value is None:
-        return None
-    if type(value) is not int:
-        raise WireError(
-            "invalid_message", f"`{field}`: Expected `int`, got `{type(value).__name__}`"
-        )
-    if not 0 <= value <= 2**53:
-        raise WireError("invalid_message", f"`{field}`: Expected `int` >= 0 and <= 2**53")
-    return value
+    estimate_usd: msgspec.Raw
 
 
 class AdmitRequest(msgspec.Struct, frozen=True):
@@ -147,8 +71,7 @@ class AdmitRequest(msgspec.Struct, frozen=True):
     estimate_usd: Decimal
 
 
-Request = SubscribeRequest | CostRequest | CycleRequest | HealthRequest | AdmitRequest
-_Frame = SubscribeRequest | _CostFrame | CycleRequest | HealthRequest | _AdmitFrame
+Request = SubscribeRequest | Cost | CycleRequest | HealthRequest | AdmitRequest
 
 
 class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
@@ -174,8 +97,9 @@ class WireError(Exception):
         return encode(Error(self.code, self.detail))
 
 
-_decoder = msgspec.json.Decoder(_Frame)
-_text_decoder = msgspec.json.Decoder(str)
+_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+    SubscribeRequest | _CostFrame | CycleRequest | HealthRequest | _AdmitFrame
+)
 _encoder = msgspec.json.Encoder()
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z_]+)[^`]*`")
 _AMOUNT_FIELDS = {"usd", "estimate_usd"}
@@ -210,37 +134,18 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         where = f"`{field}`: " if field else ""
         code: ErrorCode = "invalid_cost" if field in _AMOUNT_FIELDS else "invalid_message"
         raise WireError(code, f"{where}JSON is nested too deeply") from None
-    if isinstance(request, _CostFrame):
-        return CostRequest(
-            request.dispatch_id,
-            amount(request.usd, "usd", max_cost),
-            request.model,
-            request.input_tokens,
-            request.output_tokens,
-            request.agent,
-        )
-    if isinstance(request, _AdmitFrame):
-        estimate = amount(request.estimate_usd, "estimate_usd", max_cost)
-        return AdmitRequest(request.dispatch_id, estimate)
-    return request
-
-
-def amount(raw: msgspec.Raw | bytes, field: str, max_cost: Decimal) -> Decimal:
-    """The validated amount of a field's raw JSON (a string or a number).
-
-    Raises :class:`WireError` ``invalid_cost`` naming ``field``.
-    """
-    text = bytes(raw)
     try:
-        if text.startswith(b'"'):
-            value = parse_text(_text_decoder.decode(text), field=field)
-        elif text[:1].isdigit() or text.startswith(b"-"):
-            value = parse_text(text.decode(), field=field)
-        else:
-            raise InvalidAmount(f"`{field}` must be a decimal string or number")
-        return check_usd(value, field=field, maximum=max_cost)
-    except InvalidAmount as exc:
-        raise WireError("invalid_cost", str(exc)) from None
+        if isinstance(request, _CostFrame):
+            return make_cost(**msgspec.structs.asdict(request), max_cost=max_cost)
+        if isinstance(request, _AdmitFrame):
+            return AdmitRequest(
+                check_dispatch_id(request.dispatch_id),
+                check_amount(request.estimate_usd, "estimate_usd", max_cost),
+            )
+    except InvalidCost as exc:
+        raise WireError(exc.code, exc.detail) from None
+    result: Request = request
+    return result
 
 
 # Nesting deeper than this is what made msgspec give up; any real message of

@@ -34,10 +34,10 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ..core.access import Access, Role, TokenBucket, may
+from ..core.cost import Cost
 from ..core.wire import Ack as AckMessage
 from ..core.wire import (
     AdmitRequest,
-    CostRequest,
     CycleRequest,
     ErrorCode,
     HealthRequest,
@@ -367,7 +367,7 @@ async def _respond(
 
 _KIND: dict[type[Any], str] = {
     SubscribeRequest: "subscribe",
-    CostRequest: "cost",
+    Cost: "cost",
     CycleRequest: "cycle",
     HealthRequest: "health",
     AdmitRequest: "admit",
@@ -438,7 +438,7 @@ class _Session:
             kind = _KIND[type(request)]
             if not may(self.role, kind):
                 await self._error("forbidden", f"an {self.role} may not send `{kind}`")
-            elif isinstance(request, CostRequest):
+            elif isinstance(request, Cost):
                 receipt = await budget.submit(request)
                 try:
                     acks.send_nowait((request.dispatch_id, receipt))

@@ -210,15 +210,7 @@ class BudgetActor:
 
     def _dispatch(self, ledger: Ledger, message: Message) -> bool:
         if isinstance(message, RecordCost):
-            recorded = ledger.record(
-                self._clock(),
-                message.dispatch_id,
-                message.usd,
-                model=message.model,
-                agent=message.agent,
-                input_tokens=message.input_tokens,
-                output_tokens=message.output_tokens,
-            )
+            recorded = ledger.record(self._clock(), message.cost)
             receipt = message.receipt
             if receipt is not None:
                 receipt.seq = recorded.seq

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 import msgspec
 import trio
 
+from ..core.cost import Cost
 from ..core.records import Alert, JournalEntry, Others
 from ..core.views import Admission, Health
 from .fanout import Subscription
@@ -81,14 +82,10 @@ class CostReceipt:
 
 
 class RecordCost(msgspec.Struct):
-    """Count a validated cost. ``receipt`` is None for fire-and-forget sends."""
+    """Count ``cost``, and answer on ``receipt`` beside it (None for
+    fire-and-forget sends)."""
 
-    dispatch_id: str
-    usd: Decimal
-    model: str | None = None
-    agent: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    cost: Cost
     receipt: CostReceipt | None = None
 
 

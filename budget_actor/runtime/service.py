@@ -28,8 +28,8 @@ import msgspec
 import trio
 
 from ..core.config import BudgetConfig
+from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
 from ..core.views import Admission, Health, Update
-from ..core.wire import CostRequest, WireError, cost_request
 from ..stores.open import open_store
 from ..stores.spill import SpillFile, claim
 from ..stores.sqlite import SqliteStore
@@ -58,10 +58,6 @@ MAILBOX_SIZE = 4096
 # How many send_cost calls may go by without a checkpoint. At a few
 # microseconds each, 64 calls keep other tasks waiting well under a millisecond.
 SEND_COST_CHECKPOINT_EVERY = 64
-
-
-class InvalidCost(ValueError):
-    """A cost was refused; nothing changed. The message names the field."""
 
 
 class Receipt(msgspec.Struct, frozen=True):
@@ -129,10 +125,16 @@ class Budget:
         store is down this waits until it is back; cancelling the wait does not
         un-count the cost, and re-sending it is safe (same ``dispatch_id``).
         """
-        request = _validated(
-            self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens
+        cost = make_cost(
+            dispatch_id,
+            usd,
+            model,
+            input_tokens,
+            output_tokens,
+            agent,
+            max_cost=self.config.max_cost,
         )
-        receipt = await self.submit(request)
+        receipt = await self.submit(cost)
         await receipt.durable.wait()
         if receipt.failed:
             raise ServiceStopped(
@@ -164,17 +166,23 @@ class Budget:
         lets the actor take costs in batches instead of waking for each one.
         When the mailbox is full it waits (backpressure).
         """
-        request = _validated(
-            self.config, dispatch_id, usd, model, agent, input_tokens, output_tokens
+        cost = make_cost(
+            dispatch_id,
+            usd,
+            model,
+            input_tokens,
+            output_tokens,
+            agent,
+            max_cost=self.config.max_cost,
         )
-        message = _record_cost(request, None)
+        message = RecordCost(cost)
         self._unyielded += 1
         if self._unyielded >= SEND_COST_CHECKPOINT_EVERY:
             self._unyielded = 0
         await self._send(message, checkpoint=self._unyielded == 0)
 
-    async def submit(self, request: CostRequest) -> CostReceipt:
-        """Hand an already validated cost (from :func:`budget_actor._wire.decode`)
+    async def submit(self, cost: Cost) -> CostReceipt:
+        """Hand an already validated cost (from :func:`budget_actor.core.wire.decode`)
         to the actor and return its receipt at once, without waiting for
         durability: ``receipt.durable`` is set once it is in the store (or
         ``receipt.failed`` if the service ended first). For servers that
@@ -184,7 +192,7 @@ class Budget:
         # No checkpoint while the mailbox has room: the caller is about to
         # wait for the receipt, which is one; a second would only cost a
         # scheduler round-trip per cost.
-        await self._send(_record_cost(request, receipt), checkpoint=False)
+        await self._send(RecordCost(cost, receipt), checkpoint=False)
         return receipt
 
     async def admit(self, dispatch_id: str, estimate_usd: Decimal | str | int) -> Admission:
@@ -198,9 +206,9 @@ class Budget:
         on PostgreSQL the database decides against the global cap of every
         instance sharing the budget, and refuses while it cannot be reached.
         """
-        checked = _validated(self.config, dispatch_id, estimate_usd, None, None, None, None)
+        estimate = check_amount(estimate_usd, "estimate_usd", self.config.max_cost)
         reply: Reply[Admission] = Reply()
-        await self._send(Admit(checked.dispatch_id, checked.usd, reply))
+        await self._send(Admit(check_dispatch_id(dispatch_id), estimate, reply))
         return await reply.get()
 
     async def cycle(self) -> None:
@@ -268,41 +276,6 @@ async def _updates(subscription: Subscription) -> AsyncIterator[Update]:
         except trio.EndOfChannel:
             return
         yield item.spend if isinstance(item, Published) else item
-
-
-def _record_cost(request: CostRequest, receipt: CostReceipt | None) -> RecordCost:
-    return RecordCost(
-        request.dispatch_id,
-        request.usd,
-        request.model,
-        request.agent,
-        request.input_tokens,
-        request.output_tokens,
-        receipt,
-    )
-
-
-def _validated(
-    config: BudgetConfig,
-    dispatch_id: str,
-    usd: object,
-    model: str | None,
-    agent: str | None,
-    input_tokens: int | None,
-    output_tokens: int | None,
-) -> CostRequest:
-    try:
-        return cost_request(
-            dispatch_id,
-            usd,
-            max_cost=config.max_cost,
-            model=model,
-            agent=agent,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-        )
-    except WireError as exc:
-        raise InvalidCost(exc.detail) from None
 
 
 @contextlib.asynccontextmanager

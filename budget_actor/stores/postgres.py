@@ -18,7 +18,6 @@ from ..core.records import (
     NUDGE_TYPE,
     PATCH_TYPE,
     Alert,
-    JournalEntry,
     Others,
     Restored,
     Snapshot,
@@ -87,14 +86,15 @@ _SCHEMA = (
 # for each other in one order, never in a cycle (a deadlock).
 _JOURNAL_INSERT = """
 WITH r AS (
-    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(seq bigint, day text,
-        dispatch_id text, usd numeric, at timestamptz, model text, agent text,
-        input_tokens bigint, output_tokens bigint)
+    SELECT r.seq, r.day, r.at, c.* FROM jsonb_to_recordset(%(rows)s::jsonb)
+        AS r(seq bigint, day text, at timestamptz, cost jsonb),
+        jsonb_to_record(r.cost) AS c(dispatch_id text, usd numeric, model text,
+            input_tokens bigint, output_tokens bigint, agent text)
 ), ins AS (
-    INSERT INTO budget_journal (instance, seq, day, dispatch_id, usd, recorded_at, model,
-        agent, input_tokens, output_tokens)
-    SELECT %(instance)s, seq, day, dispatch_id, usd, at, model, agent, input_tokens,
-        output_tokens FROM r ORDER BY day, dispatch_id
+    INSERT INTO budget_journal (instance, seq, day, recorded_at, dispatch_id, usd, model,
+        input_tokens, output_tokens, agent)
+    SELECT %(instance)s, seq, day, at, dispatch_id, usd, model, input_tokens,
+        output_tokens, agent FROM r ORDER BY day, dispatch_id
     ON CONFLICT DO NOTHING
     RETURNING seq, day, dispatch_id, usd
 ), share AS (
@@ -380,7 +380,7 @@ class PostgresStore(Store):
                 alerts_sent=(),
                 seq=int(row[3]),
             )
-        entries = self._own_entries(cur, day, own.seq if own else -1)
+        entries = self._entries(cur, day, own.seq if own else -1, self.instance)
         return self._restored(cur, day, own, entries, self._others(cur, day))
 
     def _max_seq(self, cur: Any) -> int:
@@ -388,15 +388,6 @@ class PostgresStore(Store):
         # every share row holds its instance's highest seq of the day.
         cur.execute("SELECT COALESCE(MAX(seq), 0) FROM budget_shares")
         return int(cur.fetchone()[0])
-
-    def _own_entries(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
-        cur.execute(
-            "SELECT seq, day, dispatch_id, usd, recorded_at, model, agent, input_tokens,"
-            " output_tokens FROM budget_journal WHERE day = %s AND instance = %s AND seq > %s"
-            " ORDER BY seq",
-            (day, self.instance, after_seq),
-        )
-        return [self._entry(r) for r in cur.fetchall()]
 
     def others(self, day: str) -> Others:
         result: Others = self._run(lambda cur: self._others(cur, day))

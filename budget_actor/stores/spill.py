@@ -1,11 +1,13 @@
 """The spill file: where acknowledged costs wait while the store is unreachable.
 
-An append-only file of JSON lines, one :class:`~budget_actor._records.JournalEntry`
-each. The persister appends a whole batch with one write and one ``fsync``
-(group commit), and only then acknowledges the batch. When the store is back,
-the persister writes the file's entries to the store in one transaction and
-then empties the file. Because journal inserts ignore rows that already exist,
-a crash between the two steps only makes the next drain re-write harmlessly.
+An append-only file of JSON lines, one :class:`~budget_actor.core.records.JournalEntry`
+each (its :class:`~budget_actor.core.cost.Cost` nested as ``cost``; lines
+written flat by earlier versions are read too). The persister appends a whole
+batch with one write and one ``fsync`` (group commit), and only then
+acknowledges the batch. When the store is back, the persister writes the
+file's entries to the store in one transaction and then empties the file.
+Because journal inserts ignore rows that already exist, a crash between the
+two steps only makes the next drain re-write harmlessly.
 
 A crash in the middle of an append can leave a torn last line. Its entries
 were never acknowledged (the ``fsync`` had not returned), so :meth:`SpillFile.open`
@@ -38,6 +40,22 @@ log = logging.getLogger("budget_actor.spill")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(JournalEntry)
+# A journal entry's fields besides its cost.
+_OWN_FIELDS = tuple(f.name for f in msgspec.structs.fields(JournalEntry) if f.name != "cost")
+
+
+def _decode(line: bytes) -> JournalEntry:
+    """One line; raises ``msgspec.DecodeError`` for a damaged one."""
+    try:
+        return _decoder.decode(line)
+    except msgspec.ValidationError:
+        # Versions before the Cost value wrote the entry flat: its own fields
+        # beside the cost's. An upgrade must still drain what they spilled.
+        fields = msgspec.json.decode(line)
+        if not isinstance(fields, dict) or "cost" in fields:
+            raise
+        own = {name: fields.pop(name, None) for name in _OWN_FIELDS}
+        return msgspec.convert({**own, "cost": fields}, JournalEntry)
 
 
 class SpillFile:
@@ -116,7 +134,7 @@ class SpillFile:
             if not line.strip():
                 continue
             try:
-                entries.append(_decoder.decode(line))
+                entries.append(_decode(line))
             except msgspec.DecodeError:
                 # Only an append whose fsync never returned can leave this,
                 # and such an append was never acknowledged.

@@ -105,12 +105,12 @@ class SqliteStore(Store):
     def _journal_insert(self) -> str:
         # "WHERE true" keeps SQLite from reading ON CONFLICT as a join clause.
         return (
-            "INSERT INTO budget_journal (seq, day, dispatch_id, usd, recorded_at, model, agent,"
-            " input_tokens, output_tokens) SELECT json_extract(value, '$.seq'),"
-            " json_extract(value, '$.day'), json_extract(value, '$.dispatch_id'),"
-            " json_extract(value, '$.usd'), json_extract(value, '$.at'),"
-            " json_extract(value, '$.model'), json_extract(value, '$.agent'),"
-            " json_extract(value, '$.input_tokens'), json_extract(value, '$.output_tokens')"
+            "INSERT INTO budget_journal (seq, day, recorded_at, dispatch_id, usd, model,"
+            " input_tokens, output_tokens, agent) SELECT json_extract(value, '$.seq'),"
+            " json_extract(value, '$.day'), json_extract(value, '$.at'),"
+            " json_extract(value, '$.cost.dispatch_id'), json_extract(value, '$.cost.usd'),"
+            " json_extract(value, '$.cost.model'), json_extract(value, '$.cost.input_tokens'),"
+            " json_extract(value, '$.cost.output_tokens'), json_extract(value, '$.cost.agent')"
             " FROM json_each(?) WHERE true ON CONFLICT DO NOTHING"
         )
 

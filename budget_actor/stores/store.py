@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from ..core.cost import Cost
 from ..core.money import add
 from ..core.records import (
     NUDGE_TYPE,
@@ -38,6 +39,12 @@ from ..core.records import (
     Restored,
     Snapshot,
     WriteResult,
+)
+
+# The journal's columns in the order a JournalEntry is read from a row: its
+# own fields, then its Cost's fields in their declared order.
+JOURNAL_COLUMNS = (
+    "seq, day, recorded_at, dispatch_id, usd, model, input_tokens, output_tokens, agent"
 )
 
 
@@ -180,7 +187,7 @@ class Store(ABC):
         old = Snapshot.from_body(body) if body is not None else None
         spend = Decimal(0)
         for entry in entries:
-            spend = add(spend, entry.usd)
+            spend = add(spend, entry.cost.usd)
         snapshot = Snapshot(
             day=day,
             daily_spend=spend,
@@ -309,27 +316,28 @@ class Store(ABC):
         )
         return "inserted" if cur.rowcount == 1 else "exists"
 
-    def _entries(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
+    def _entries(
+        self, cur: Any, day: str, after_seq: int, instance: str | None = None
+    ) -> list[JournalEntry]:
+        """The journal entries of ``day`` after ``after_seq``, in seq order;
+        only ``instance``'s when given (a shared store)."""
         p = self._P
+        mine = "" if instance is None else f" AND instance = {p}"
         cur.execute(
-            "SELECT seq, day, dispatch_id, usd, recorded_at, model, agent, input_tokens,"
-            f" output_tokens FROM budget_journal WHERE day = {p} AND seq > {p} ORDER BY seq",
-            (day, after_seq),
+            f"SELECT {JOURNAL_COLUMNS} FROM budget_journal WHERE day = {p} AND seq > {p}{mine}"
+            " ORDER BY seq",
+            (day, after_seq) if instance is None else (day, after_seq, instance),
         )
-        return [self._entry(r) for r in cur.fetchall()]
-
-    def _entry(self, r: Any) -> JournalEntry:
-        return JournalEntry(
-            seq=int(r[0]),
-            day=str(r[1]),
-            dispatch_id=str(r[2]),
-            usd=Decimal(str(r[3])),
-            at=self._read_time(r[4]),
-            model=r[5],
-            agent=r[6],
-            input_tokens=r[7],
-            output_tokens=r[8],
-        )
+        read_time = self._read_time
+        return [
+            JournalEntry(
+                seq=int(r[0]),
+                day=str(r[1]),
+                at=read_time(r[2]),
+                cost=Cost(str(r[3]), Decimal(str(r[4])), *r[5:]),
+            )
+            for r in cur.fetchall()
+        ]
 
     def _load(self, cur: Any, day: str) -> Restored:
         p = self._P
