@@ -814,7 +814,9 @@ async def test_oversized_messages_close_with_1009_whatever_their_shape(
 
 
 async def test_beyond_max_connections_the_handshake_gets_503(launcher: Launcher) -> None:
-    service = await launcher.start(None, "--max-connections", "3", env=TOKENS)
+    service = await launcher.start(
+        None, "--max-connections", "3", "--dispatcher-slots", "1", env=TOKENS
+    )
     async with AsyncExitStack() as stack:
         conns = [await stack.enter_async_context(as_dispatcher(service)) for _ in range(3)]
         request = upgrade_request(

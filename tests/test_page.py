@@ -9,27 +9,23 @@ to ``test-artifacts/page.png``.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from ._browser import DevTools, browser
 from ._client import Launcher, connect, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-REQUIRE_BROWSER = os.environ.get("BUDGET_REQUIRE_BROWSER") == "1"
+DISPATCHER_TOKEN = "dispatcher-secret-0123456789"
+OBSERVER_TOKEN = "observer-secret-0123456789"
 TOKENS = {
-    "BUDGET_DISPATCHER_TOKEN": "dispatcher-secret",
-    "BUDGET_OBSERVER_TOKEN": "observer-secret",
+    "BUDGET_DISPATCHER_TOKEN": DISPATCHER_TOKEN,
+    "BUDGET_OBSERVER_TOKEN": OBSERVER_TOKEN,
 }
 
 
@@ -46,7 +42,7 @@ async def test_the_page_is_served_without_a_token(launcher: Launcher, sqlite_url
     html = page.body.decode()
     assert html.startswith("<!doctype html>") and "</html>" in html
     # A query string (the observer token for the page's WebSocket) is fine.
-    again = await http_get(service.http_base + "/?token=observer-secret")
+    again = await http_get(service.http_base + f"/?token={OBSERVER_TOKEN}")
     assert again.status == 200 and again.body == page.body
     # The WebSocket itself still wants the token.
     ws = await http_get(service.http_base + "/ws")
@@ -83,64 +79,6 @@ def test_the_page_fetches_nothing_from_elsewhere() -> None:
 # -- in a real browser -------------------------------------------------------------
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if REQUIRE_BROWSER:
-            pytest.fail("BUDGET_REQUIRE_BROWSER=1 but chromium is not installed")
-        pytest.skip(
-            "chromium is not installed (apt-get install chromium);"
-            " set BUDGET_REQUIRE_BROWSER=1 to make this a failure"
-        )
-    return found
-
-
-class DevTools:
-    """A minimal DevTools protocol client: one command at a time, on one page
-    session; events are kept in ``events``."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.session: str | None = None
-        self.events: list[dict[str, Any]] = []
-
-    async def send(self, method: str, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params}
-        if self.session is not None and not method.startswith(("Target.", "Browser.")):
-            message["sessionId"] = self.session
-        await self.ws.send_message(json.dumps(message))
-        with trio.fail_after(15):
-            while True:
-                reply = json.loads(await self.ws.get_message())
-                if reply.get("id") == self.next_id:
-                    if "error" in reply:
-                        raise AssertionError(f"{method}: {reply['error']}")
-                    result: dict[str, Any] = reply.get("result", {})
-                    return result
-                if "method" in reply:
-                    self.events.append(reply)
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-
-async def _devtools_url(stderr: Path, proc: subprocess.Popen[bytes]) -> str:
-    with trio.fail_after(20):
-        while True:
-            text = stderr.read_text(errors="replace") if stderr.exists() else ""
-            match = re.search(r"DevTools listening on (ws://\S+)", text)
-            if match:
-                return match.group(1)
-            if proc.poll() is not None:
-                raise AssertionError(f"chromium exited with {proc.returncode}: {text[-2000:]}")
-            await trio.sleep(0.05)
-
-
 # What the page shows, as the test reads it (null until the page is there:
 # right after Page.navigate, the old document may still be showing).
 _READ = """!window.budgetState ? "null" : JSON.stringify({
@@ -169,102 +107,59 @@ async def _until(tools: DevTools, check: Any, timeout: float) -> dict[str, Any]:
 async def test_the_page_in_a_headless_browser(
     launcher: Launcher, sqlite_url: str, tmp_path: Path
 ) -> None:
-    chromium = _chromium()
     service = await launcher.start(
         sqlite_url, "--daily-cap", "1.00", "--alert-at", "0.5,0.8", env=TOKENS
     )
-    page_url = f"{service.http_base}/?token=observer-secret"
-    stderr = tmp_path / "chromium.stderr"
-    with stderr.open("wb") as err:
-        browser = subprocess.Popen(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                "--hide-scrollbars",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                "--remote-debugging-port=0",
-                "about:blank",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
+    page_url = f"{service.http_base}/?token={OBSERVER_TOKEN}"
+    async with browser(tmp_path) as tools:
+        await tools.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=1100,
+            height=940,
+            deviceScaleFactor=1,
+            mobile=False,
         )
-    try:
-        url = await _devtools_url(stderr, browser)
-        async with open_websocket_url(url, max_message_size=64 * 1024 * 1024) as ws:
-            tools = DevTools(ws)
-            target = await tools.send("Target.createTarget", url="about:blank")
-            attached = await tools.send(
-                "Target.attachToTarget", targetId=target["targetId"], flatten=True
-            )
-            tools.session = attached["sessionId"]
-            for domain in ("Runtime", "Log", "Network"):
-                await tools.send(f"{domain}.enable")
-            await tools.send(
-                "Emulation.setDeviceMetricsOverride",
-                width=1100,
-                height=940,
-                deviceScaleFactor=1,
-                mobile=False,
-            )
-            await tools.send("Page.navigate", url=page_url)
-            await _until(tools, lambda s: s["conn"] == "live" and s["spend"] == "$0", 10)
+        await tools.send("Page.navigate", url=page_url)
+        await _until(tools, lambda s: s["conn"] == "live" and s["spend"] == "$0", 10)
 
-            headers = [(b"authorization", b"Bearer dispatcher-secret")]
-            async with connect(service.ws_url, extra_headers=headers) as conn:
-                for n, usd in enumerate(["0.12", "0.2", "0.25", "0.1", "0.18"]):
-                    await conn.cost(f"page-{n}", usd, model="haiku")
-                    await trio.sleep(0.25)  # a curve with steps, not one jump
-            shown = await _until(
-                tools,
-                lambda s: (
-                    s["spend"] == "$0.85"
-                    and any("80% of the cap reached" in a for a in s["alerts"])
-                    and s["burn5"].startswith("$")
-                    and s["burn5"] != "$0.00 / hour"
-                ),
-                8,
-            )
-            assert shown["cap"] == "$1.00"
-            assert [a for a in shown["alerts"] if "50% of the cap reached" in a]
-            assert shown["projected"].startswith("$")
-            assert shown["curve"] == 2 and shown["points"] >= 6
+        headers = [(b"authorization", f"Bearer {DISPATCHER_TOKEN}".encode())]
+        async with connect(service.ws_url, extra_headers=headers) as conn:
+            for n, usd in enumerate(["0.12", "0.2", "0.25", "0.1", "0.18"]):
+                await conn.cost(f"page-{n}", usd, model="haiku")
+                await trio.sleep(0.25)  # a curve with steps, not one jump
+        shown = await _until(
+            tools,
+            lambda s: (
+                s["spend"] == "$0.85"
+                and any("80% of the cap reached" in a for a in s["alerts"])
+                and s["burn5"].startswith("$")
+                and s["burn5"] != "$0.00 / hour"
+            ),
+            8,
+        )
+        assert shown["cap"] == "$1.00"
+        assert [a for a in shown["alerts"] if "50% of the cap reached" in a]
+        assert shown["projected"].startswith("$")
+        assert shown["curve"] == 2 and shown["points"] >= 6
 
-            shot = await tools.send("Page.captureScreenshot", format="png")
-            ARTIFACTS.mkdir(exist_ok=True)
-            png = base64.b64decode(shot["data"])
-            assert png.startswith(b"\x89PNG")
-            (ARTIFACTS / "page.png").write_bytes(png)
+        shot = await tools.send("Page.captureScreenshot", format="png")
+        ARTIFACTS.mkdir(exist_ok=True)
+        png = base64.b64decode(shot["data"])
+        assert png.startswith(b"\x89PNG")
+        (ARTIFACTS / "page.png").write_bytes(png)
 
-            # Nothing went wrong in the page, and nothing came from elsewhere.
-            errors = [
-                e
-                for e in tools.events
-                if e["method"] == "Runtime.exceptionThrown"
-                or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
-            ]
-            assert errors == []
-            requested = [
-                e["params"]["request"]["url"]
-                for e in tools.events
-                if e["method"] == "Network.requestWillBeSent"
-            ]
-            own = (service.http_base, service.ws_url.rsplit("/", 1)[0], "data:")
-            assert requested and all(u.startswith(own) for u in requested), requested
-            with contextlib.suppress(ConnectionClosed):
-                await tools.send("Browser.close")
-    finally:
-        if browser.poll() is None:
-            try:
-                browser.wait(5)
-            except subprocess.TimeoutExpired:
-                browser.kill()
-                browser.wait(5)
+        # Nothing went wrong in the page, and nothing came from elsewhere.
+        errors = [
+            e
+            for e in tools.events
+            if e["method"] == "Runtime.exceptionThrown"
+            or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+        ]
+        assert errors == []
+        requested = [
+            e["params"]["request"]["url"]
+            for e in tools.events
+            if e["method"] == "Network.requestWillBeSent"
+        ]
+        own = (service.http_base, service.ws_url.rsplit("/", 1)[0], "data:")
+        assert requested and all(u.startswith(own) for u in requested), requested

@@ -22,7 +22,13 @@ from typing import Any, NoReturn
 
 import trio
 
-from ..core.access import Access, is_loopback
+from ..core.access import (
+    DEFAULT_DISPATCHER_SLOTS,
+    DEFAULT_MAX_PER_ADDRESS,
+    Access,
+    canonical_origin,
+    is_loopback,
+)
 from ..core.config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
 from ..net.server import ServerOptions, serve
 from ..runtime.service import open_budget
@@ -166,10 +172,29 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
     # every user of the machine in `ps`.
     parser.add_argument("--dispatcher-token", default=_env("BUDGET_DISPATCHER_TOKEN", ""))
     parser.add_argument("--observer-token", default=_env("BUDGET_OBSERVER_TOKEN", ""))
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="another origin (scheme://host[:port]) whose web pages may open the WebSocket;"
+        " repeatable (env BUDGET_ALLOW_ORIGIN, comma-separated)",
+    )
     parser.add_argument("--tls-cert", default=_env("BUDGET_TLS_CERT", ""))
     parser.add_argument("--tls-key", default=_env("BUDGET_TLS_KEY", ""))
     parser.add_argument(
         "--max-connections", type=int, default=_env("BUDGET_MAX_CONNECTIONS", "1000")
+    )
+    parser.add_argument(
+        "--dispatcher-slots",
+        type=int,
+        default=_env("BUDGET_DISPATCHER_SLOTS", str(DEFAULT_DISPATCHER_SLOTS)),
+        help="connections (of --max-connections, and of each address's) kept for dispatchers",
+    )
+    parser.add_argument(
+        "--max-per-address",
+        type=int,
+        default=_env("BUDGET_MAX_PER_ADDRESS", str(DEFAULT_MAX_PER_ADDRESS)),
+        help="WebSocket connections from one client address (IPv6: one /64)",
     )
     parser.add_argument(
         "--max-frame-bytes", type=int, default=_env("BUDGET_MAX_FRAME_BYTES", "65536")
@@ -188,13 +213,29 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
 
 def _server_options(args: argparse.Namespace) -> ServerOptions:
     """Validate the access and limit options; raises ConfigError naming the option."""
-    for name in ("max_connections", "max_frame_bytes", "rate_limit", "handshake_timeout"):
+    for name in (
+        "max_connections",
+        "max_per_address",
+        "max_frame_bytes",
+        "rate_limit",
+        "handshake_timeout",
+    ):
         if getattr(args, name) <= 0:
             raise ConfigError(f"`{name.replace('_', '-')}` must be greater than 0")
+    if args.dispatcher_slots < 0:
+        raise ConfigError("`dispatcher-slots` must not be negative")
+    if args.dispatcher_slots >= min(args.max_connections, args.max_per_address):
+        raise ConfigError(
+            f"`dispatcher-slots` ({args.dispatcher_slots}) must be less than `max-connections`"
+            f" ({args.max_connections}) and `max-per-address` ({args.max_per_address}),"
+            " or observers could never connect"
+        )
     if args.ping_interval <= 0:
         raise ConfigError("`ping-interval` must be greater than 0")
     access = Access(
-        dispatcher_token=args.dispatcher_token or None, observer_token=args.observer_token or None
+        dispatcher_token=args.dispatcher_token or None,
+        observer_token=args.observer_token or None,
+        allowed_origins=_allowed_origins(args.allow_origin),
     )
     if access.open and not is_loopback(args.host):
         raise ConfigError(
@@ -213,6 +254,8 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(
         access=access,
         max_connections=args.max_connections,
+        dispatcher_slots=args.dispatcher_slots,
+        max_per_address=args.max_per_address,
         max_frame_bytes=args.max_frame_bytes,
         rate_per_s=args.rate_limit,
         burst=max(1, int(args.rate_limit * 2)),
@@ -221,6 +264,23 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         ping_timeout_s=args.ping_interval,
         ssl_context=context,
     )
+
+
+def _allowed_origins(given: list[str] | None) -> frozenset[str]:
+    """``--allow-origin`` values (else ``BUDGET_ALLOW_ORIGIN``), canonical."""
+    raw = given if given is not None else _env("BUDGET_ALLOW_ORIGIN", "").split(",")
+    allowed = set()
+    for value in raw:
+        if not value.strip():
+            continue
+        origin = canonical_origin(value)
+        if origin is None:
+            raise ConfigError(
+                "`allow-origin` must be an origin such as https://dashboard.example:8443"
+                f" (scheme http or https, no path), got {value.strip()[:100]!r}"
+            )
+        allowed.add(origin)
+    return frozenset(allowed)
 
 
 # Instance ids go into logs, health and SQL parameters: keep them printable

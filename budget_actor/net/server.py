@@ -33,7 +33,16 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from ..core.access import Access, Role, TokenBucket, may
+from ..core.access import (
+    DEFAULT_DISPATCHER_SLOTS,
+    DEFAULT_MAX_PER_ADDRESS,
+    Access,
+    Role,
+    Slots,
+    TokenBucket,
+    address_key,
+    may,
+)
 from ..core.cost import Cost
 from ..core.wire import Ack as AckMessage
 from ..core.wire import (
@@ -69,6 +78,10 @@ MESSAGE_QUEUE = 8
 # states; without it, 1,000 subscribers at 2,000 costs/s would mean two
 # million sends a second.
 PUSH_INTERVAL_S = 0.1
+# Seconds a client refused for want of a slot should wait before trying
+# again: long enough that a crowd retrying does not spin, short enough that a
+# dispatcher whose old connection is just closing gets back in at once.
+RETRY_AFTER_S = b"1"
 # A peer that does not finish the WebSocket closing handshake in this time is
 # simply disconnected.
 CLOSE_TIMEOUT_S = 2.0
@@ -81,8 +94,12 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     access: Access = Access()
     # The contract's frame limit; a larger frame closes the connection with 1009.
     max_frame_bytes: int = 64 * 1024
-    # WebSocket connections at once; the next handshake gets HTTP 503.
+    # WebSocket connections at once; the next handshake gets HTTP 503. Of
+    # these, dispatcher_slots are never given to observers, and one client
+    # address may hold at most max_per_address (see core.access.Slots).
     max_connections: int = 1000
+    dispatcher_slots: int = DEFAULT_DISPATCHER_SLOTS
+    max_per_address: int = DEFAULT_MAX_PER_ADDRESS
     # Per-connection message budget. Far above what a real dispatcher sends
     # (a pipelining client reaches ~10k/s), so only a flood meets it.
     rate_per_s: float = 20_000.0
@@ -169,7 +186,9 @@ class _Server:
     def __init__(self, budget: Budget, options: ServerOptions) -> None:
         self.budget = budget
         self.options = options
-        self.connections = 0
+        self.slots = Slots(
+            options.max_connections, options.dispatcher_slots, options.max_per_address
+        )
         # Error replies sent, by code, for /metrics.
         self.errors: collections.Counter[str] = collections.Counter()
 
@@ -222,6 +241,23 @@ class _Server:
         if target != WS_PATH:
             await _respond(stream, 404, b"not found: the WebSocket is at /ws\n")
             return
+        # Before the token: a page from elsewhere is refused whatever it presents.
+        origins = _header_values(request, b"origin")
+        if origins and not (
+            len(origins) == 1
+            and self.options.access.origin_allowed(
+                origins[0],
+                _single(_header_values(request, b"host")),
+                secure=self.options.ssl_context is not None,
+            )
+        ):
+            await _respond(
+                stream,
+                403,
+                b"forbidden: pages from this origin may not open the WebSocket;"
+                b" the operator can allow it with --allow-origin\n",
+            )
+            return
         role = self.options.access.role(list(request.headers), request.target)
         if role is None:
             await _respond(
@@ -231,16 +267,16 @@ class _Server:
                 [(b"www-authenticate", b'Bearer realm="budget_actor"')],
             )
             return
-        if self.connections >= self.options.max_connections:
-            await _respond(
-                stream, 503, b"too many connections; retry later\n", [(b"retry-after", b"1")]
-            )
+        address = address_key(_peer_host(stream))
+        refused = self.slots.take(role, address)
+        if refused is not None:
+            body = f"service unavailable: {refused}; retry later\n".encode()
+            await _respond(stream, 503, body, [(b"retry-after", RETRY_AFTER_S)])
             return
-        self.connections += 1
         try:
             await self._websocket(_ReplayStream(stream, raw), role)
         finally:
-            self.connections -= 1
+            self.slots.give_back(role, address)
 
     async def _websocket(self, stream: _ReplayStream, role: Role) -> None:
         async with trio.open_nursery() as nursery:
@@ -303,6 +339,16 @@ def _peer(stream: trio.abc.Stream) -> str:
         return "?"
 
 
+def _peer_host(stream: trio.abc.Stream) -> str:
+    """The peer's IP address ("?" if the socket no longer knows it)."""
+    inner: Any = getattr(stream, "transport_stream", stream)
+    try:
+        host: str = inner.socket.getpeername()[0]
+        return host
+    except (AttributeError, OSError):
+        return "?"
+
+
 async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request] | None:
     """Read until h11 sees a whole request head; None if the peer gives up or
     sends garbage (a 400 is sent for garbage)."""
@@ -324,6 +370,15 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request] | Non
             parser.receive_data(bytes(data))
         else:
             return None
+
+
+def _header_values(request: h11.Request, name: bytes) -> list[str]:
+    """Every value of header ``name`` (lower case), as text."""
+    return [value.decode("latin-1") for key, value in request.headers if key == name]
+
+
+def _single(values: list[str]) -> str | None:
+    return values[0] if len(values) == 1 else None
 
 
 def _is_upgrade(request: h11.Request) -> bool:
