@@ -115,12 +115,15 @@ async def test_metrics_count_costs_duplicates_and_errors(sqlite_url: str) -> Non
                 text += chunk
         metrics = text.decode()
         for line in [
-            "budget_costs_total 1",
-            "budget_duplicates_total 1",
-            'budget_errors_total{code="invalid_cost"} 1',
-            'budget_errors_total{code="invalid_message"} 1',
+            "budget_costs_total 1.0",
+            "budget_duplicates_total 1.0",
+            'budget_errors_total{code="invalid_cost"} 1.0',
+            'budget_errors_total{code="invalid_message"} 1.0',
             "budget_store_lag_seconds 0.0",
+            # One cost was made durable: one ack latency, at least one commit.
+            "budget_ack_latency_seconds_count 1.0",
         ]:
             assert f"\n{line}\n" in metrics, line
-        assert "\nbudget_persist_latency_seconds 0\n" not in metrics
+        assert "\nbudget_persist_latency_seconds 0.0\n" not in metrics
+        assert "\nbudget_store_commit_duration_seconds_count 0.0\n" not in metrics
         nursery.cancel_scope.cancel()

@@ -158,8 +158,8 @@ async def test_http_health_is_503_while_degraded(pg_url: str, tmp_path: Path) ->
             status, body = await get(port, "/health")
             assert status == 503 and b'"status":"degraded"' in body
             status, metrics = await get(port, "/metrics")
-            assert status == 200 and b"\nbudget_up 0\n" in metrics
-            assert b"budget_pending_costs 1\n" in metrics
+            assert status == 200 and b"\nbudget_up 0.0\n" in metrics
+            assert b"\nbudget_pending_costs 1.0\n" in metrics
             proxy.restore()
             await _recovered(budget)
             assert (await get(port, "/health"))[0] == 200

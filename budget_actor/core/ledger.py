@@ -151,6 +151,9 @@ class Ledger:
         self.restarts: dict[str, int] = {}
         self._persist_latency_s = 0.0
         self._last_write_at: datetime | None = None
+        # The last heartbeat cycle this ledger counted (for "no cycle for N
+        # minutes" alerting); not restored: a restart starts without one.
+        self._last_cycle_at: datetime | None = None
 
     # -- restore -------------------------------------------------------------
 
@@ -355,6 +358,7 @@ class Ledger:
         """Count one heartbeat cycle; every ``persist_every``-th asks for a patch."""
         effects = self._roll(now) if now >= self._today.ends_at else []
         self._today.cycles += 1
+        self._last_cycle_at = now
         if self._today.cycles % self.config.persist_every == 0:
             effects.append(PatchDue(self.snapshot(), "cycle"))
         return effects
@@ -485,6 +489,7 @@ class Ledger:
             instance_dispatches=today.dispatches if shared else None,
             instances=(others.instances if others else 0) + 1 if shared else None,
             sync_age_s=sync_age_s,
+            last_cycle_at=self._last_cycle_at,
         )
 
     def _lag(self, now: datetime) -> float:

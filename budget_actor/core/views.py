@@ -116,6 +116,9 @@ class Health(
     instance_dispatches: int | None = None
     instances: int | None = None
     sync_age_s: float | None = None
+    # The last heartbeat cycle counted since this process started (omitted
+    # before the first).
+    last_cycle_at: datetime | None = None
     # Echo of the request's ``id``; omitted when the request had none.
     id: str | None = None
 

@@ -1,95 +1,219 @@
-"""Health figures in the Prometheus text exposition format (pure)."""
+"""``GET /metrics``: the health figures through ``prometheus_client``.
+
+A custom collector (:class:`BudgetCollector`) turns one health snapshot, the
+service's histograms (:class:`~budget_actor.runtime.stats.ServiceStats`) and
+the server's error counts into metric families; ``prometheus_client`` writes
+them in the Prometheus text format (0.0.4) or, when the scraper's ``Accept``
+header asks for it, in OpenMetrics. Nothing is registered globally: each
+scrape builds its own collector from figures read a moment before, so a
+scrape never touches the budget actor's state directly.
+
+Prometheus values are float64: amounts are exact in ``/health``, and here as
+close as a float gets (``0.1`` stays ``0.1``; more than about 15 significant
+digits do not survive).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from decimal import Decimal
 
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from ..core.histogram import Histogram
 from ..core.views import Health
+from ..runtime.stats import ServiceStats
 
-_PREFIX = "budget"
+_PREFIX = "budget_"
 
 
-def render(health: Health, errors: Mapping[str, int] | None = None) -> str:
-    """``GET /metrics``: every health figure as a gauge (labelled with the day
-    where it is the day's), plus counters; ``errors`` counts error replies by
-    code (the server keeps them)."""
-    day = health.day
-    lines: list[str] = []
+class BudgetCollector:
+    """One scrape's worth of figures, as a ``prometheus_client`` collector."""
 
-    def metric(kind: str, name: str, value: object, help_text: str, labels: str = "") -> None:
-        full = f"{_PREFIX}_{name}"
-        if not any(line.startswith(f"# HELP {full} ") for line in lines):
-            lines.append(f"# HELP {full} {help_text}")
-            lines.append(f"# TYPE {full} {kind}")
-        lines.append(f"{full}{{{labels}}} {value}" if labels else f"{full} {value}")
+    def __init__(
+        self,
+        health: Health,
+        stats: ServiceStats | None = None,
+        errors: Mapping[str, int] | None = None,
+    ) -> None:
+        self.health = health
+        self.stats = stats
+        self.errors = errors or {}
 
-    def gauge(name: str, value: object, help_text: str, labels: str = "") -> None:
-        metric("gauge", name, value, help_text, labels)
+    def collect(self) -> Iterator[Metric]:
+        health = self.health
+        day = [health.day]
 
-    def counter(name: str, value: object, help_text: str, labels: str = "") -> None:
-        metric("counter", name, value, help_text, labels)
-
-    d = f'day="{day}"'
-    gauge("up", 1 if health.ok else 0, "1 when status is ok, 0 when degraded")
-    gauge(
-        "daily_spend_usd", health.daily_spend, "Spend of the budget day in USD (exact decimal)", d
-    )
-    gauge("daily_cap_usd", health.daily_cap, "Daily spend cap in USD", d)
-    gauge("remaining_usd", health.remaining, "Cap minus spend, never negative", d)
-    gauge("utilization_ratio", health.utilization, "Spend divided by cap (0.8 = 80%)", d)
-    gauge("dispatches", health.dispatches, "Costs counted today", d)
-    gauge("seq", health.seq, "Sequence number of the last accepted cost")
-    gauge("cycle_count", health.cycle_count, "Heartbeat cycles counted today", d)
-    gauge("cycles_until_persist", health.cycles_until_persist, "Cycles until the next budget patch")
-    for threshold in health.alert_thresholds:
-        sent = 1 if threshold in health.alerts_sent else 0
-        gauge(
-            "alert_sent",
-            sent,
-            "1 when the alert for this threshold was sent today",
-            f'{d},threshold="{threshold}"',
-        )
-    last = health.last_persist_at.timestamp() if health.last_persist_at else 0
-    gauge(
-        "last_persist_timestamp_seconds", last, "Unix time of the last budget patch (0 = none yet)"
-    )
-    gauge(
-        "store_ok",
-        1 if health.store_ok else 0,
-        "1 when the last store write succeeded",
-        f'store="{health.store}"',
-    )
-    gauge("pending_costs", health.pending, "Accepted costs not yet durable in the store")
-    gauge("reserved_usd", health.reserved, "Admitted estimates not yet settled or expired", d)
-    gauge("burn_rate_5m_usd_per_hour", health.burn_rate_5m, "Spend per hour, last 5 minutes", d)
-    gauge("burn_rate_60m_usd_per_hour", health.burn_rate_60m, "Spend per hour, last 60 min", d)
-    gauge("projected_spend_usd", health.projected_spend, "Spend at midnight at the 60-min rate", d)
-    gauge("subscribers", health.subscribers, "Live subscribers")
-    counter("costs_total", health.seq, "Costs accepted (the last sequence number)")
-    counter("duplicates_total", health.duplicates, "Duplicates acknowledged, not counted")
-    for child, count in sorted(health.restarts.items()):
-        counter("restarts_total", count, "Restarts of a supervised task", f'child="{child}"')
-    for code, count in sorted((errors or {}).items()):
-        counter("errors_total", count, "Error replies sent, by code", f'code="{code}"')
-    gauge("persist_latency_seconds", health.persist_latency_s, "Duration of the last store commit")
-    gauge("store_lag_seconds", health.store_lag_s, "How far behind the store is (0: caught up)")
-    gauge("uptime_seconds", health.uptime_s, "Seconds since the service started")
-    if health.instance is not None:
-        # Shared budget: daily_spend_usd above is global; this is our share.
-        i = f'{d},instance="{_label(health.instance)}"'
-        gauge("instance_spend_usd", health.instance_spend, "This instance's share of the spend", i)
-        gauge("instance_dispatches", health.instance_dispatches, "Costs counted here today", i)
-        gauge("instances", health.instances, "Instances with a share of today's spend", d)
-        if health.sync_age_s is not None:
-            gauge(
-                "sync_age_seconds",
-                health.sync_age_s,
-                "Age of this instance's view of the other instances' spend",
+        def gauge(
+            name: str, help_text: str, value: float | Decimal | int | None = None
+        ) -> GaugeMetricFamily:
+            return GaugeMetricFamily(
+                _PREFIX + name, help_text, value=None if value is None else float(value)
             )
-    return "\n".join(lines) + "\n"
+
+        def daily(name: str, help_text: str, value: float | Decimal | int) -> GaugeMetricFamily:
+            # Figures of the budget day carry it as a label: a new series
+            # starts at midnight (aggregate it away in rules: max without (day)).
+            family = GaugeMetricFamily(_PREFIX + name, help_text, labels=["day"])
+            family.add_metric(day, float(value))
+            return family
+
+        yield gauge("up", "1 when status is ok, 0 when degraded", 1 if health.ok else 0)
+        yield daily("daily_spend_usd", "Spend of the budget day in USD", health.daily_spend)
+        yield daily("daily_cap_usd", "Daily spend cap in USD", health.daily_cap)
+        yield daily("remaining_usd", "Cap minus spend, never negative", health.remaining)
+        yield daily("utilization_ratio", "Spend divided by cap (0.8 = 80%)", health.utilization)
+        yield daily("dispatches", "Costs counted today", health.dispatches)
+        yield gauge("seq", "Sequence number of the last accepted cost", health.seq)
+        yield daily("cycles", "Heartbeat cycles counted today", health.cycle_count)
+        yield gauge(
+            "cycles_until_persist",
+            "Cycles until the next budget patch",
+            health.cycles_until_persist,
+        )
+        sent = GaugeMetricFamily(
+            _PREFIX + "alert_sent",
+            "1 when the alert for this threshold was sent today",
+            labels=["day", "threshold"],
+        )
+        for threshold in health.alert_thresholds:
+            sent.add_metric(
+                [health.day, str(threshold)], 1 if threshold in health.alerts_sent else 0
+            )
+        yield sent
+        yield gauge(
+            "last_persist_timestamp_seconds",
+            "Unix time of this process's last budget patch (0 = none yet)",
+            _timestamp(health.last_persist_at),
+        )
+        yield gauge(
+            "last_cycle_timestamp_seconds",
+            "Unix time of the last heartbeat cycle this process counted (0 = none yet)",
+            _timestamp(health.last_cycle_at),
+        )
+        store_ok = GaugeMetricFamily(
+            _PREFIX + "store_ok", "1 when the last store write succeeded", labels=["store"]
+        )
+        store_ok.add_metric([health.store], 1 if health.store_ok else 0)
+        yield store_ok
+        yield gauge("pending_costs", "Accepted costs not yet durable in the store", health.pending)
+        yield daily(
+            "reserved_usd", "Admitted estimates not yet settled or expired", health.reserved
+        )
+        yield daily(
+            "burn_rate_5m_usd_per_hour", "Spend per hour, last 5 minutes", health.burn_rate_5m
+        )
+        yield daily(
+            "burn_rate_60m_usd_per_hour", "Spend per hour, last 60 minutes", health.burn_rate_60m
+        )
+        yield daily(
+            "projected_spend_usd", "Spend at midnight at the 60-minute rate", health.projected_spend
+        )
+        yield gauge("subscribers", "Live subscribers", health.subscribers)
+        yield CounterMetricFamily(
+            _PREFIX + "costs", "Costs accepted (the last sequence number)", value=health.seq
+        )
+        yield CounterMetricFamily(
+            _PREFIX + "duplicates",
+            "Duplicates acknowledged without counting, since the actor started",
+            value=health.duplicates,
+        )
+        restarts = CounterMetricFamily(
+            _PREFIX + "restarts", "Restarts of a supervised task", labels=["child"]
+        )
+        for child, count in sorted(health.restarts.items()):
+            restarts.add_metric([child], count)
+        yield restarts
+        errors = CounterMetricFamily(
+            _PREFIX + "errors", "Error replies sent, by code", labels=["code"]
+        )
+        for code, count in sorted(self.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+        yield gauge(
+            "persist_latency_seconds",
+            "Duration of the last store commit (see store_commit_duration_seconds)",
+            health.persist_latency_s,
+        )
+        yield gauge(
+            "store_lag_seconds", "How far behind the store is (0: caught up)", health.store_lag_s
+        )
+        yield gauge("uptime_seconds", "Seconds since the budget actor started", health.uptime_s)
+        if self.stats is not None:
+            yield _histogram(
+                "ack_latency_seconds",
+                "Seconds from the budget actor counting a cost to the cost being durable"
+                " (its ack may leave)",
+                self.stats.ack_latency,
+            )
+            yield _histogram(
+                "store_commit_duration_seconds",
+                "Seconds each successful store transaction took",
+                self.stats.commit_duration,
+            )
+        if health.instance is not None:
+            # Shared budget: daily_spend_usd above is global; this is our share.
+            labels = ["day", "instance"]
+            share = GaugeMetricFamily(
+                _PREFIX + "instance_spend_usd", "This instance's share of the spend", labels=labels
+            )
+            share.add_metric([health.day, health.instance], float(health.instance_spend or 0))
+            yield share
+            counted = GaugeMetricFamily(
+                _PREFIX + "instance_dispatches", "Costs counted here today", labels=labels
+            )
+            counted.add_metric([health.day, health.instance], health.instance_dispatches or 0)
+            yield counted
+            yield daily(
+                "instances", "Instances with a share of today's spend", health.instances or 0
+            )
+            if health.sync_age_s is not None:
+                yield gauge(
+                    "sync_age_seconds",
+                    "Age of this instance's view of the other instances' spend",
+                    health.sync_age_s,
+                )
 
 
-def _label(value: str) -> str:
-    """A Prometheus label value: backslash, quote and newline escaped (an
-    instance id given in process may contain anything)."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets = [
+        ("+Inf" if math.isinf(bound) else repr(bound), float(count))
+        for bound, count in histogram.cumulative()
+    ]
+    return HistogramMetricFamily(
+        _PREFIX + name, help_text, buckets=buckets, sum_value=histogram.sum
+    )
+
+
+def _timestamp(moment: datetime | None) -> float:
+    return moment.timestamp() if moment is not None else 0.0
+
+
+def render(
+    health: Health,
+    errors: Mapping[str, int] | None = None,
+    stats: ServiceStats | None = None,
+) -> str:
+    """The Prometheus text format (0.0.4) of one scrape."""
+    return generate_latest(BudgetCollector(health, stats, errors)).decode()
+
+
+def exposition(
+    health: Health,
+    stats: ServiceStats | None,
+    errors: Mapping[str, int] | None,
+    accept: str,
+) -> tuple[bytes, str]:
+    """The body and content type for a scraper whose ``Accept`` header is
+    ``accept``: OpenMetrics when it asks for ``application/openmetrics-text``,
+    otherwise the Prometheus text format."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(BudgetCollector(health, stats, errors)), content_type

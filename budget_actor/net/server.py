@@ -225,8 +225,10 @@ class _Server:
             code = 200 if health.ok else 503
             await _respond(stream, code, encode(health), json=True, head_only=head_only)
         elif target == "/metrics":
-            body = _metrics.render(await self.budget.health(), self.errors).encode()
-            kind = [(b"content-type", b"text/plain; version=0.0.4")]
+            accept = ", ".join(_header_values(request, b"accept"))
+            health = await self.budget.health()
+            body, content_type = _metrics.exposition(health, self.budget.stats, self.errors, accept)
+            kind = [(b"content-type", content_type.encode())]
             await _respond(stream, 200, body, kind, head_only=head_only)
         elif target == "/":
             # The live page; it needs no token (its WebSocket does).

@@ -61,6 +61,7 @@ from .messages import (
     fail_waiters,
 )
 from .persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
+from .stats import ServiceStats
 from .supervisor import Escalation, RestartPolicy, Restarts, supervise
 
 log = logging.getLogger("budget_actor.actor")
@@ -88,6 +89,7 @@ class BudgetActor:
         limiter: trio.CapacityLimiter,
         policy: RestartPolicy,
         spill: SpillFile | None = None,
+        stats: ServiceStats | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -97,6 +99,10 @@ class BudgetActor:
         self._limiter = limiter
         self._policy = policy
         self._spill = spill
+        self._stats = stats or ServiceStats()
+        # trio time of the current wake-up (see _loop): the costs counted in
+        # it share this stamp, for the ack latency histogram.
+        self._woke_at = 0.0
         self._persist = PersistQueue(spill)
         self._alerts = AlertQueue()
         self._admits = AdmitQueue()
@@ -130,7 +136,7 @@ class BudgetActor:
         self._started_at = trio.current_time()
         self.ready = True
         persister = Persister(
-            self.store, self._persist, self._limiter, self._clock, self._outbox.send
+            self.store, self._persist, self._limiter, self._clock, self._outbox.send, self._stats
         )
         alerter = Alerter(self._alerts, self._persist, self._outbox.send)
         children = [
@@ -183,6 +189,7 @@ class BudgetActor:
         inbox = self._inbox
         while True:
             message = await inbox.receive()
+            self._woke_at = trio.current_time()
             before = ledger.version
             handled = 0
             while True:
@@ -216,7 +223,7 @@ class BudgetActor:
                 receipt.seq = recorded.seq
                 receipt.duplicate = recorded.duplicate
             if recorded.entry is not None:
-                self._persist.put(JournalJob(recorded.entry, receipt))
+                self._persist.put(JournalJob(recorded.entry, receipt, self._woke_at))
             elif receipt is not None:
                 # A duplicate is acknowledged only once the original is durable.
                 self._persist.put(BarrierJob(receipt))

@@ -42,6 +42,7 @@ from ..core.records import Alert, JournalEntry, Snapshot
 from ..stores.spill import SpillFile
 from ..stores.store import JournalBatch, Store, StoreError
 from .messages import CostReceipt, Message, Reply, StoreReport, Uncount
+from .stats import ServiceStats
 
 log = logging.getLogger("budget_actor.persister")
 
@@ -61,6 +62,9 @@ SPILL_RESERVE_S = 2.0
 class JournalJob(msgspec.Struct):
     entry: JournalEntry
     receipt: CostReceipt | None
+    # trio time at which the actor counted the cost (one reading per
+    # wake-up of the actor), for the ack latency histogram.
+    counted_at: float = 0.0
 
 
 class PatchJob(msgspec.Struct):
@@ -144,12 +148,14 @@ class Persister:
         limiter: trio.CapacityLimiter,
         clock: Callable[[], datetime],
         report: Callable[[Message], Awaitable[None]],
+        stats: ServiceStats | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
         self.limiter = limiter
         self.clock = clock
         self.report = report
+        self.stats = stats or ServiceStats()
 
     async def run(self) -> None:
         """Commit batches until cancelled (then :meth:`final_flush` takes over)."""
@@ -265,6 +271,7 @@ class Persister:
             elif isinstance(job, NudgeJob):
                 nudges.append(job.alert)
         now = self.clock()
+        started = trio.current_time()
         result = await trio.to_thread.run_sync(
             self.store.write,
             JournalBatch.of(entries),
@@ -274,6 +281,8 @@ class Persister:
             limiter=self.limiter,
             abandon_on_cancel=abandon,
         )
+        done_at = trio.current_time()
+        self.stats.commit_duration.observe(done_at - started)
         duplicates = result.duplicates
         uncount: list[tuple[JournalEntry, int]] = []
         if duplicates:
@@ -288,6 +297,7 @@ class Persister:
         for job in batch:
             if not _acknowledge(job) and isinstance(job, NudgeJob) and job.reply is not None:
                 job.reply.set(result.nudges.get(job.alert.nudge_name, "exists"))
+        _observe_acks(self.stats, batch, done_at)
         if uncount and not abandon:
             # (At shutdown, `abandon`, the actor is gone and its mailbox may
             # be full; its successor restores from the store anyway.)
@@ -308,6 +318,7 @@ class Persister:
         for job in batch:
             if not _acknowledge(job):
                 self.queue.held.append(job)
+        _observe_acks(self.stats, batch, trio.current_time())
 
     async def _drain(self, *, raise_errors: bool = False, abandon: bool = False) -> bool:
         """Move the spill file and held jobs into the store; True on success."""
@@ -345,6 +356,27 @@ class Persister:
         # has nobody left to report to, and that is fine.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.report(report)
+
+
+def _observe_acks(stats: ServiceStats, batch: list[Job], now: float) -> None:
+    """Ack latencies of the acknowledged costs in ``batch``, durable at ``now``.
+
+    The actor stamps every cost of one wake-up with the same time, so the
+    costs of a batch come in a few runs of equal stamps: one observation per
+    run keeps this cheap on the event loop, whatever the batch size.
+    """
+    histogram = stats.ack_latency
+    stamp = -1.0
+    run = 0
+    for job in batch:
+        if type(job) is JournalJob and job.receipt is not None:
+            if job.counted_at != stamp:
+                if run:
+                    histogram.observe(now - stamp, run)
+                stamp, run = job.counted_at, 0
+            run += 1
+    if run:
+        histogram.observe(now - stamp, run)
 
 
 def _acknowledge(job: Job) -> bool:

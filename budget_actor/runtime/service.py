@@ -49,6 +49,7 @@ from .messages import (
     Subscribe,
     Unsubscribe,
 )
+from .stats import ServiceStats
 from .supervisor import RestartPolicy
 
 # Bounded, so that a flood of costs slows its senders (backpressure) instead of
@@ -99,10 +100,16 @@ class Budget:
     """Handle on a running budget service. Create it with :func:`open_budget`."""
 
     def __init__(
-        self, config: BudgetConfig, store_kind: str, outbox: trio.MemorySendChannel[Message]
+        self,
+        config: BudgetConfig,
+        store_kind: str,
+        outbox: trio.MemorySendChannel[Message],
+        stats: ServiceStats | None = None,
     ) -> None:
         self.config = config
         self.store_kind = store_kind
+        #: Histograms and counters gathered where they happen (for /metrics).
+        self.stats = stats or ServiceStats()
         self._outbox = outbox
         # send_cost calls since its last checkpoint.
         self._unyielded = 0
@@ -336,6 +343,7 @@ async def open_budget(
     try:
         outbox, inbox = trio.open_memory_channel[Message](MAILBOX_SIZE)
         restart_policy = policy or RestartPolicy()
+        stats = ServiceStats()
 
         def make_actor() -> BudgetActor:
             return BudgetActor(
@@ -347,11 +355,12 @@ async def open_budget(
                 limiter=limiter,
                 policy=restart_policy,
                 spill=spill_file,
+                stats=stats,
             )
 
         async with trio.open_nursery() as nursery:
             await nursery.start(run_supervised, make_actor, inbox, restart_policy)
-            budget = Budget(config, store.kind, outbox)
+            budget = Budget(config, store.kind, outbox, stats)
             try:
                 yield budget
             finally:
