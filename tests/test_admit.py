@@ -26,17 +26,17 @@ def _h(ledger: Ledger, now: datetime = T0) -> tuple[Decimal, Decimal]:
 def test_reserve_settle_and_refuse() -> None:
     ledger = Ledger(CONFIG, T0)
     ledger.record(T0, Cost("earlier", Decimal("6")))
-    first, _ = ledger.admit(T0, "a", Decimal("3"))
+    first = ledger.admit(T0, "a", Decimal("3")).value
     assert (first.allowed, first.remaining) == (True, Decimal("1.00"))
-    refused, _ = ledger.admit(T0, "b", Decimal("1.01"))
+    refused = ledger.admit(T0, "b", Decimal("1.01")).value
     assert (refused.allowed, refused.remaining) == (False, Decimal("1.00"))
     assert refused.reason is not None and "exceeds" in refused.reason
     assert _h(ledger) == (Decimal("6"), Decimal("3"))
     ledger.record(T0, Cost("a", Decimal("2.5")))  # settles at the real cost
     assert _h(ledger) == (Decimal("8.5"), Decimal("0"))
-    again, _ = ledger.admit(T0, "a", Decimal("0.1"))
+    again = ledger.admit(T0, "a", Decimal("0.1")).value
     assert not again.allowed and again.reason == "this dispatch_id was already counted today"
-    fits, _ = ledger.admit(T0, "b", Decimal("1.5"))
+    fits = ledger.admit(T0, "b", Decimal("1.5")).value
     assert fits.allowed and fits.remaining == 0
 
 
@@ -47,15 +47,26 @@ def test_readmitting_replaces_and_reservations_expire() -> None:
     assert _h(ledger) == (Decimal(0), Decimal("5"))
     later = T0 + timedelta(minutes=5)
     ledger.admit(later, "b", Decimal("5"))
-    assert not ledger.admit(later, "c", Decimal("0.01"))[0].allowed
+    assert not ledger.admit(later, "c", Decimal("0.01")).value.allowed
     assert _h(ledger, T0 + timedelta(minutes=10)) == (Decimal(0), Decimal("5"))  # "a" expired
-    assert ledger.admit(T0 + timedelta(minutes=10), "c", Decimal("5"))[0].allowed
+    assert ledger.admit(T0 + timedelta(minutes=10), "c", Decimal("5")).value.allowed
     assert _h(ledger, T0 + timedelta(minutes=20)) == (Decimal(0), Decimal(0))
+
+
+def test_a_refused_readmit_keeps_its_reservation_and_never_reports_a_negative_remaining() -> None:
+    # The same rule as the shared store's (core/admission.py): what remains
+    # is never below zero, even when the spend grew past the earlier estimate.
+    ledger = Ledger(CONFIG, T0)
+    assert ledger.admit(T0, "a", Decimal("1")).value.allowed
+    ledger.record(T0, Cost("other", Decimal("9.5")))
+    refused = ledger.admit(T0, "a", Decimal("2")).value
+    assert (refused.allowed, refused.remaining) == (False, Decimal(0))
+    assert _h(ledger) == (Decimal("9.5"), Decimal("1"))  # "a" still holds its 1
 
 
 def test_concurrent_admitters_never_overrun_the_cap() -> None:
     ledger = Ledger(CONFIG, T0)
-    allowed = [ledger.admit(T0, f"d{i}", Decimal("0.30"))[0].allowed for i in range(50)]
+    allowed = [ledger.admit(T0, f"d{i}", Decimal("0.30")).value.allowed for i in range(50)]
     assert allowed.count(True) == 33  # 33 * 0.30 = 9.90; the 34th would pass 10.00
     for i, ok in enumerate(allowed):
         if ok:

@@ -71,21 +71,23 @@ def test_forecast_alert_fires_once_and_not_after_the_cap() -> None:
     config = make_config(daily_cap="10", forecast_alert=True)
     start = MIDNIGHT + timedelta(hours=20)
     ledger = Ledger(config, start)
-    assert ledger.tick(start + timedelta(minutes=1)) == []  # nothing spent: no projection
+    assert ledger.tick(start + timedelta(minutes=1)).effects == ()  # nothing spent: no projection
     # $3 in the last hour of a fresh day: $3/h, so 3 + 3 * 3.95 h > 10 at 20:03.
     ledger.record(start + timedelta(minutes=2), Cost("a", Decimal("3")))
-    effects = ledger.tick(start + timedelta(minutes=3))
+    effects = ledger.tick(start + timedelta(minutes=3)).effects
     assert len(effects) == 1 and isinstance(effects[0], AlertDue)
     alert = effects[0].alert
     assert alert.kind == "forecast" and alert.nudge_name == "budget_forecast_2026-12-01"
     assert alert.projected_spend is not None and alert.projected_spend > 10
-    assert ledger.tick(start + timedelta(minutes=4)) == []
+    assert ledger.tick(start + timedelta(minutes=4)).effects == ()
     off = Ledger(make_config(daily_cap="10"), start)
     off.record(start + timedelta(minutes=2), Cost("a", Decimal("3")))
-    assert off.tick(start + timedelta(minutes=3)) == []
+    assert off.tick(start + timedelta(minutes=3)).effects == ()
     over = Ledger(config, start)
     over.record(start, Cost("a", Decimal("11")))
-    assert [e for e in over.tick(start + timedelta(minutes=3)) if e.alert.kind == "forecast"] == []  # type: ignore[union-attr]
+    assert [
+        e for e in over.tick(start + timedelta(minutes=3)).effects if e.alert.kind == "forecast"
+    ] == []  # type: ignore[union-attr]
 
 
 def test_day_bounds_follow_dst() -> None:

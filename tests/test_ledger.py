@@ -31,8 +31,8 @@ def test_costs_accumulate_exactly() -> None:
 
 def test_duplicate_id_counts_once_and_returns_original_seq() -> None:
     ledger = Ledger(CONFIG, T0)
-    first = ledger.record(T0, Cost("same", Decimal("1")))
-    again = ledger.record(T0, Cost("same", Decimal("5")))
+    first = ledger.record(T0, Cost("same", Decimal("1"))).value
+    again = ledger.record(T0, Cost("same", Decimal("5"))).value
     assert (first.duplicate, again.duplicate) == (False, True)
     assert again.seq == first.seq and again.entry is None
     assert ledger.daily_spend == Decimal("1")
@@ -40,7 +40,7 @@ def test_duplicate_id_counts_once_and_returns_original_seq() -> None:
 
 def test_seq_grows_with_every_accepted_cost_only() -> None:
     ledger = Ledger(CONFIG, T0, seq=41)
-    seqs = [ledger.record(T0, Cost(d, Decimal("0.01"))).seq for d in ["a", "b", "a", "c"]]
+    seqs = [ledger.record(T0, Cost(d, Decimal("0.01"))).value.seq for d in ["a", "b", "a", "c"]]
     assert seqs == [42, 43, 42, 44]
 
 
@@ -65,7 +65,7 @@ def test_threshold_is_reached_at_exactly_the_boundary() -> None:
 def test_every_nth_cycle_asks_for_a_patch() -> None:
     ledger = Ledger(CONFIG, T0)
     ledger.record(T0, Cost("a", Decimal("1.5")))
-    due = [ledger.cycle(T0) for _ in range(6)]
+    due = [ledger.cycle(T0).effects for _ in range(6)]
     assert [len(d) for d in due] == [0, 0, 1, 0, 0, 1]
     patch = due[2][0]
     assert isinstance(patch, PatchDue) and patch.reason == "cycle"
@@ -84,7 +84,7 @@ def test_rollover_persists_old_day_and_rearms_alerts() -> None:
     assert isinstance(rolled, PatchDue) and rolled.reason == "rollover"
     assert rolled.snapshot.day == "2026-12-01" and rolled.snapshot.daily_spend == Decimal("9")
     assert rolled.snapshot.alerts_sent == (Decimal("0.5"), Decimal("0.8"))
-    assert not recorded.duplicate
+    assert not recorded.value.duplicate
     assert [e.alert.day for e in recorded.effects if isinstance(e, AlertDue)] == ["2026-12-02"]
     health = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert (health.day, health.daily_spend, health.cycle_count) == ("2026-12-02", Decimal("6"), 0)
@@ -96,14 +96,14 @@ def test_day_follows_the_configured_time_zone() -> None:
     assert day_of(late_utc, tokyo) == "2026-12-02"
     assert day_of(late_utc, CONFIG) == "2026-12-01"
     ledger = Ledger(tokyo, datetime(2026, 12, 1, 14, 59, tzinfo=UTC))
-    assert ledger.tick(datetime(2026, 12, 1, 14, 59, 59, tzinfo=UTC)) == []
-    assert len(ledger.tick(datetime(2026, 12, 1, 15, 0, tzinfo=UTC))) == 1
+    assert ledger.tick(datetime(2026, 12, 1, 14, 59, 59, tzinfo=UTC)).effects == ()
+    assert len(ledger.tick(datetime(2026, 12, 1, 15, 0, tzinfo=UTC)).effects) == 1
     assert ledger.day == "2026-12-02"
 
 
 def test_clock_going_backwards_never_reopens_a_day() -> None:
     ledger = Ledger(CONFIG, T0 + timedelta(days=1))
-    assert ledger.tick(T0) == []
+    assert ledger.tick(T0).effects == ()
     ledger.record(T0, Cost("a", Decimal("1")))
     assert ledger.day == "2026-12-02" and ledger.daily_spend == Decimal("1")
 
@@ -164,17 +164,18 @@ def test_restore_is_patch_plus_later_journal() -> None:
         seq=7,
     )
     entry = JournalEntry(seq=8, day="2026-12-01", at=T0, cost=Cost("late", Decimal("0.25")))
-    ledger, effects = Ledger.restore(
+    restoring = Ledger.restore(
         CONFIG,
         T0,
         _restored(patch=patch, entries=(entry,), dispatch_ids={"x": 3, "late": 8}, max_seq=8),
     )
+    ledger, effects = restoring.value, list(restoring.effects)
     assert effects == []
     assert ledger.daily_spend == Decimal("3.25")
     assert ledger.seq == 8
     h = ledger.health(T0, store="sqlite", subscribers=0, uptime_s=0)
     assert (h.dispatches, h.cycle_count) == (8, 20)
-    again = ledger.record(T0, Cost("x", Decimal("1")))
+    again = ledger.record(T0, Cost("x", Decimal("1"))).value
     assert again.duplicate and again.seq == 3  # the original's seq, from the journal
 
 
@@ -188,26 +189,29 @@ def test_restore_trusts_nudge_rows_not_the_patch_for_sent_alerts() -> None:
         alerts_sent=(Decimal("0.5"), Decimal("0.8")),  # written before the rows
         seq=1,
     )
-    _, effects = Ledger.restore(
+    restoring = Ledger.restore(
         CONFIG, T0, _restored(patch=patch, alerts_sent=frozenset({Decimal("0.5")}), max_seq=1)
     )
+    effects = list(restoring.effects)
     assert [e.alert.threshold for e in effects if isinstance(e, AlertDue)] == [Decimal("0.8")]
 
 
 def test_restore_sends_a_missing_alert_but_never_a_sent_one() -> None:
     entry = JournalEntry(seq=1, day="2026-12-01", at=T0, cost=Cost("a", Decimal("9")))
-    _, effects = Ledger.restore(
+    restoring = Ledger.restore(
         CONFIG,
         T0,
         _restored(entries=(entry,), alerts_sent=frozenset({Decimal("0.5")}), max_seq=1),
     )
+    effects = list(restoring.effects)
     assert [e.alert.threshold for e in effects if isinstance(e, AlertDue)] == [Decimal("0.8")]
 
 
 def test_restore_from_an_earlier_day_starts_at_zero() -> None:
-    ledger, effects = Ledger.restore(
+    restoring = Ledger.restore(
         CONFIG, T0 + timedelta(days=1), _restored(day="2026-12-01", max_seq=50)
     )
+    ledger, effects = restoring.value, list(restoring.effects)
     assert (ledger.day, ledger.daily_spend, ledger.seq, effects) == ("2026-12-02", 0, 50, [])
 
 
@@ -247,7 +251,8 @@ def test_daily_spend_is_the_exact_sum_of_accepted_costs(
             ledger.cycle(now)
             continue
         day = day_of(now, config)
-        recorded = ledger.record(now, Cost(f"id{n}", usd))
+        outcome = ledger.record(now, Cost(f"id{n}", usd))
+        recorded = outcome.value
         ids = seen.setdefault(day, set())
         assert recorded.duplicate == (f"id{n}" in ids)
         if not recorded.duplicate:
@@ -255,7 +260,7 @@ def test_daily_spend_is_the_exact_sum_of_accepted_costs(
             expected[day] = expected.get(day, Decimal(0)) + usd
             assert recorded.seq == last_seq + 1
             last_seq = recorded.seq
-        for effect in recorded.effects:
+        for effect in outcome.effects:
             if isinstance(effect, AlertDue):
                 alerts.setdefault(effect.alert.day, []).append(effect.alert.threshold)
         assert ledger.daily_spend == expected.get(ledger.day, Decimal(0))
@@ -310,30 +315,30 @@ def test_alone_the_instance_fields_are_omitted() -> None:
 def test_a_sync_that_crosses_a_threshold_makes_the_alert_due() -> None:
     ledger = _shared_ledger()
     ledger.record(T0, Cost("mine", Decimal("1")))
-    effects = ledger.synced(T0, _others("7"))
+    effects = ledger.synced(T0, _others("7")).effects
     alerts = [e.alert for e in effects if isinstance(e, AlertDue)]
     assert [a.threshold for a in alerts] == [Decimal("0.5"), Decimal("0.8")]
     assert alerts[0].daily_spend == Decimal("8")
-    assert ledger.synced(T0, _others("7.5")) == []  # once
+    assert ledger.synced(T0, _others("7.5")).effects == ()  # once
 
 
 def test_a_sync_of_another_day_is_ignored() -> None:
     ledger = _shared_ledger()
     before = ledger.version
-    assert ledger.synced(T0, _others("9", day="2026-11-30")) == []
+    assert ledger.synced(T0, _others("9", day="2026-11-30")).effects == ()
     assert ledger.spend().daily_spend == 0 and ledger.version == before
 
 
 def test_uncount_takes_a_cross_instance_duplicate_back_out() -> None:
     ledger = _shared_ledger()
-    first = ledger.record(T0, Cost("x", Decimal("2")))
+    first = ledger.record(T0, Cost("x", Decimal("2"))).value
     ledger.synced(T0, _others("1"))
     before = ledger.version
     assert first.entry is not None
     ledger.uncount(first.entry, original_seq=7)
     assert (ledger.spend().daily_spend, ledger.spend().instance_dispatches) == (Decimal("1"), 0)
     assert ledger.version > before and ledger.duplicates == 1
-    again = ledger.record(T0, Cost("x", Decimal("2")))
+    again = ledger.record(T0, Cost("x", Decimal("2"))).value
     assert (again.duplicate, again.seq) == (True, 7) and first.seq != 7
 
 
@@ -345,9 +350,9 @@ def test_a_withdrawn_alert_is_armed_again_and_rechecked() -> None:
         for e in recorded.effects
         if isinstance(e, AlertDue) and e.alert.threshold == Decimal("0.8")
     ]
-    assert recorded.entry is not None
-    ledger.uncount(recorded.entry, original_seq=3)
-    assert ledger.withdraw(T0, alert) == []  # 0 now: armed, not due
+    assert recorded.value.entry is not None
+    ledger.uncount(recorded.value.entry, original_seq=3)
+    assert ledger.withdraw(T0, alert).effects == ()  # 0 now: armed, not due
     assert ledger.health(T0, store="p", subscribers=0, uptime_s=0).alerts_sent == (0.5,)
     again = ledger.record(T0, Cost("y", Decimal("8.5"))).effects
     assert [e.alert.threshold for e in again if isinstance(e, AlertDue)] == [Decimal("0.8")]
@@ -373,7 +378,8 @@ def test_restore_of_a_shared_instance_keeps_the_others_apart() -> None:
         instance="b",
         others=_others("6.5", dispatches=5),
     )
-    ledger, effects = Ledger.restore(CONFIG, T0, restored)
+    restoring = Ledger.restore(CONFIG, T0, restored)
+    ledger, effects = restoring.value, list(restoring.effects)
     spend = ledger.spend()
     assert (spend.daily_spend, spend.instance_spend, spend.dispatches) == (Decimal("8"), 1.5, 8)
     # 8.00 of 10 crossed 0.5 and 0.8 with no nudge rows: both are due now.

@@ -2,14 +2,17 @@
 
 Like h11 and wsproto, the ledger only computes: the caller feeds it events
 (a cost, a cycle, the passage of time, a persistence outcome) together with the
-current wall-clock time, and it answers with the *effects* the caller must carry
-out (:class:`PatchDue`, :class:`AlertDue`). The budget actor is the only caller;
-it owns one ledger and never shares it, so no locks are needed.
+current wall-clock time, and it answers every event in one shape, an
+:class:`Outcome`: what it says (a :class:`Recorded`, an ``Admission``, or
+nothing) and the *effects* the caller must carry out (:class:`PatchDue`,
+:class:`AlertDue`). The budget actor is the only caller; it owns one ledger
+and never shares it, so no locks are needed.
 
 Time enters only as an argument. The budget day is the date of ``now`` in the
-configured time zone; when it moves forward the ledger rolls over: the old day's
-final snapshot is emitted as a :class:`PatchDue`, the new day starts at zero and
-every threshold is armed again. A clock that moves backwards never rolls a day
+configured time zone; when it moves forward (checked in one place,
+``Ledger._advance``, at the start of every event) the ledger rolls over: the
+old day's final snapshot is emitted as a :class:`PatchDue`, the new day starts
+at zero and every threshold is armed again. A clock that moves backwards never rolls a day
 back (an NTP step must not reopen yesterday).
 """
 
@@ -18,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import msgspec
 
+from .admission import decide
 from .burn import BurnRate, project
 from .config import BudgetConfig
 from .cost import Cost
@@ -56,7 +60,7 @@ Effect = PatchDue | AlertDue
 
 
 class Recorded(msgspec.Struct, frozen=True):
-    """The outcome of :meth:`Ledger.record`.
+    """What :meth:`Ledger.record` says about a cost.
 
     ``entry`` is the journal entry to make durable, or ``None`` for a duplicate,
     in which case ``seq`` is the sequence number of the original cost.
@@ -65,7 +69,22 @@ class Recorded(msgspec.Struct, frozen=True):
     seq: int
     duplicate: bool
     entry: JournalEntry | None
-    effects: tuple[Effect, ...]
+
+
+T = TypeVar("T")
+
+
+class Outcome(msgspec.Struct, Generic[T], frozen=True):
+    """The ledger's answer to every event: what it says (``value``: a
+    :class:`Recorded`, an :class:`Admission`, the restored :class:`Ledger`,
+    or None) and the effects the caller must carry out, in order."""
+
+    value: T
+    effects: tuple[Effect, ...] = ()
+
+
+# The answer of an event that says nothing and causes nothing.
+NOTHING: Outcome[None] = Outcome(None)
 
 
 def day_of(now: datetime, config: BudgetConfig) -> str:
@@ -158,13 +177,11 @@ class Ledger:
     # -- restore -------------------------------------------------------------
 
     @classmethod
-    def restore(
-        cls, config: BudgetConfig, now: datetime, restored: Restored
-    ) -> tuple[Ledger, list[Effect]]:
+    def restore(cls, config: BudgetConfig, now: datetime, restored: Restored) -> Outcome[Ledger]:
         """Rebuild today from a store's :class:`Restored` view.
 
         Totals come from today's patch plus the journal entries after it. The
-        returned effects are alerts that the journal shows as crossed but that
+        effects are alerts that the journal shows as crossed but that
         have no nudge row yet (the process died between the two); sent alerts
         are never sent again.
         """
@@ -173,7 +190,7 @@ class Ledger:
         if restored.day != today.day:
             # The store was read for another day (midnight passed while
             # starting): start empty; the seq still comes from the store.
-            return ledger, []
+            return Outcome(ledger)
         patch = restored.patch
         if patch is not None:
             today.spend = patch.daily_spend
@@ -197,28 +214,22 @@ class Ledger:
         # restart is not known by time, and must not read as a burst.
         today.burn = BurnRate(now, today.spend)
         ledger._arm()
-        effects: list[Effect] = list(ledger._crossings(now))
-        return ledger, effects
+        return Outcome(ledger, tuple(ledger._crossings(now)))
 
     # -- events --------------------------------------------------------------
+    #
+    # Each event takes the current time, starts with the one rollover check
+    # (:meth:`_advance`), and answers with an :class:`Outcome`.
 
-    def tick(self, now: datetime) -> list[Effect]:
+    def tick(self, now: datetime) -> Outcome[None]:
         """Let time pass: roll the day over once ``now`` reaches midnight, and
         check the end-of-day projection (when forecast alerts are on)."""
-        if now >= self._today.ends_at:
-            return self._roll(now)
-        if self.config.forecast_alert and not self._today.forecast_sent:
-            return self._forecast(now)
-        return []
+        effects = self._advance(now)
+        if not effects and self.config.forecast_alert and not self._today.forecast_sent:
+            effects = self._forecast(now)
+        return Outcome(None, tuple(effects))
 
-    def _roll(self, now: datetime) -> list[Effect]:
-        old = self.snapshot()
-        self._today = _new_day(now, self.config)
-        self._arm()
-        self.version += 1
-        return [PatchDue(old, "rollover")]
-
-    def record(self, now: datetime, cost: Cost) -> Recorded:
+    def record(self, now: datetime, cost: Cost) -> Outcome[Recorded]:
         """Count one cost, unless its ``dispatch_id`` was already counted today.
 
         ``cost`` is kept as it is, inside the journal entry of the answer.
@@ -226,14 +237,13 @@ class Ledger:
         usd = cost.usd
         if not usd.is_finite() or usd < 0:
             raise ValueError(f"unvalidated amount reached the ledger: {usd}")
-        # Only a date comparison per cost: the day is worked out once a day.
-        effects = self._roll(now) if now >= self._today.ends_at else []
+        effects = self._advance(now)
         today = self._today
         dispatch_id = cost.dispatch_id
         original = today.seen.get(dispatch_id)
         if original is not None:
             self.duplicates += 1
-            return Recorded(original, True, None, tuple(effects))
+            return Outcome(Recorded(original, True, None), tuple(effects))
         self._seq += 1
         self.version += 1
         today.spend = add(today.spend, usd)
@@ -244,102 +254,144 @@ class Ledger:
             self._release(dispatch_id)
         today.burn.observe(now, today.spend)
         entry = JournalEntry(seq=self._seq, day=today.day, at=now, cost=cost)
-        if today.next_alert_at is not None and today.total >= today.next_alert_at:
-            effects.extend(self._crossings(now))
-        return Recorded(self._seq, False, entry, tuple(effects))
+        self._check_thresholds(now, effects)
+        return Outcome(Recorded(self._seq, False, entry), tuple(effects))
 
-    def synced(self, now: datetime, others: Others) -> list[Effect]:
-        """The other instances' durable totals, freshly read from the store.
+    def cycle(self, now: datetime) -> Outcome[None]:
+        """Count one heartbeat cycle; every ``persist_every``-th asks for a patch."""
+        effects = self._advance(now)
+        self._today.cycles += 1
+        self._last_cycle_at = now
+        if self._today.cycles % self.config.persist_every == 0:
+            effects.append(PatchDue(self.snapshot(), "cycle"))
+        return Outcome(None, tuple(effects))
 
-        Ignored unless they are of today. Returns the alerts that the new
-        global spend makes due (the nudge row's key makes sure only one
-        instance's nudge is written; each instance pushes to its own
-        subscribers).
-        """
-        effects = self._roll(now) if now >= self._today.ends_at else []
-        today = self._today
-        if others.day != today.day:
-            return effects
-        before = today.others
-        today.others = others
-        today.total = add(today.spend, others.spend)
-        if before is None or (before.spend, before.dispatches) != (
-            others.spend,
-            others.dispatches,
-        ):
-            self.version += 1
-        if today.next_alert_at is not None and today.total >= today.next_alert_at:
-            effects.extend(self._crossings(now))
-        return effects
-
-    def uncount(self, entry: JournalEntry, original_seq: int) -> None:
-        """The store found that another instance had counted ``entry``'s
-        dispatch id first: take the cost back out of this instance's share.
-
-        Only if this ledger counted that very entry (same seq): a ledger
-        restored since then never counted it, and must not subtract it.
-        """
-        today = self._today
-        dispatch_id, usd = entry.cost.dispatch_id, entry.cost.usd
-        self.duplicates += 1
-        if entry.day != today.day or today.seen.get(dispatch_id) != entry.seq:
-            return  # not counted here (or that day is closed): nothing to undo
-        today.spend = sub(today.spend, usd)
-        today.total = sub(today.total, usd)
-        today.dispatches -= 1
-        today.seen[dispatch_id] = original_seq
-        self.version += 1
-
-    def withdraw(self, now: datetime, alert: Alert) -> list[Effect]:
-        """The store refused ``alert``'s nudge as premature (the shared spend
-        has not reached it): arm its threshold again, and re-check."""
-        today = self._today
-        if alert.day != today.day or alert.kind != "threshold":
-            return []
-        today.alerts_sent.discard(alert.threshold)
-        self._arm()
-        return self._crossings(now)
-
-    def admit(
-        self, now: datetime, dispatch_id: str, estimate: Decimal
-    ) -> tuple[Admission, list[Effect]]:
-        """Reserve ``estimate`` against the cap if it fits; see :class:`Admission`.
+    def admit(self, now: datetime, dispatch_id: str, estimate: Decimal) -> Outcome[Admission]:
+        """Reserve ``estimate`` against the cap if it fits; see :class:`Admission`
+        and :func:`~budget_actor.core.admission.decide` for the rule.
 
         A reservation holds until the cost with the same ``dispatch_id``
         settles it (at its real cost) or ``reservation_ttl_s`` passes. Admitting
         the same id again replaces its reservation. An id already counted
         today is refused.
         """
-        effects = self._roll(now) if now >= self._today.ends_at else []
+        effects = self._advance(now)
         today = self._today
         self._expire(now)
-        previous = today.reservations.get(dispatch_id)
-        self._release(dispatch_id)
-        available = max(sub(sub(self.config.daily_cap, today.total), today.reserved), Decimal(0))
-        if previous is not None and (dispatch_id in today.seen or estimate > available):
-            # A refused re-admit leaves the earlier reservation as it was.
-            today.reservations[dispatch_id] = previous
-            today.reserved = add(today.reserved, previous[0])
-            available = sub(available, previous[0])
-        if dispatch_id in today.seen:
-            reason = "this dispatch_id was already counted today"
-            return Admission(
-                dispatch_id=dispatch_id, allowed=False, remaining=available, reason=reason
-            ), effects
-        if estimate > available:
-            reason = (
-                f"estimate {estimate} exceeds the remaining {available} (spend {today.total}"
-                f" + reserved {today.reserved} of cap {self.config.daily_cap})"
-            )
-            return Admission(
-                dispatch_id=dispatch_id, allowed=False, remaining=available, reason=reason
-            ), effects
-        expires = now + timedelta(seconds=self.config.reservation_ttl_s)
-        today.reservations[dispatch_id] = (estimate, expires)
-        today.reserved = add(today.reserved, estimate)
-        return Admission(
-            dispatch_id=dispatch_id, allowed=True, remaining=sub(available, estimate)
-        ), effects
+        held = today.reservations.get(dispatch_id, (Decimal(0), now))[0]
+        admission = decide(
+            dispatch_id,
+            estimate,
+            cap=self.config.daily_cap,
+            spent=today.total,
+            reserved=sub(today.reserved, held),
+            held=held,
+            counted=dispatch_id in today.seen,
+        )
+        if admission.allowed:
+            self._release(dispatch_id)
+            expires = now + timedelta(seconds=self.config.reservation_ttl_s)
+            today.reservations[dispatch_id] = (estimate, expires)
+            today.reserved = add(today.reserved, estimate)
+        return Outcome(admission, tuple(effects))
+
+    def synced(self, now: datetime, others: Others) -> Outcome[None]:
+        """The other instances' durable totals, freshly read from the store.
+
+        Ignored unless they are of today. The effects are the alerts that the
+        new global spend makes due (the nudge row's key makes sure only one
+        instance's nudge is written; each instance pushes to its own
+        subscribers).
+        """
+        effects = self._advance(now)
+        today = self._today
+        if others.day == today.day:
+            before = today.others
+            today.others = others
+            today.total = add(today.spend, others.spend)
+            if before is None or (before.spend, before.dispatches) != (
+                others.spend,
+                others.dispatches,
+            ):
+                self.version += 1
+            self._check_thresholds(now, effects)
+        return Outcome(None, tuple(effects))
+
+    def uncount(self, entry: JournalEntry, original_seq: int) -> Outcome[None]:
+        """The store found that another instance had counted ``entry``'s
+        dispatch id first: take the cost back out of this instance's share.
+
+        Only if this ledger counted that very entry (same seq): a ledger
+        restored since then never counted it, and must not subtract it.
+        Taking a cost back never makes anything due.
+        """
+        today = self._today
+        dispatch_id, usd = entry.cost.dispatch_id, entry.cost.usd
+        self.duplicates += 1
+        if entry.day != today.day or today.seen.get(dispatch_id) != entry.seq:
+            return NOTHING  # not counted here (or that day is closed): nothing to undo
+        today.spend = sub(today.spend, usd)
+        today.total = sub(today.total, usd)
+        today.dispatches -= 1
+        today.seen[dispatch_id] = original_seq
+        self.version += 1
+        return NOTHING
+
+    def withdraw(self, now: datetime, alert: Alert) -> Outcome[None]:
+        """The store refused ``alert``'s nudge as premature (the shared spend
+        has not reached it): arm its threshold again, and re-check."""
+        today = self._today
+        if alert.day != today.day or alert.kind != "threshold":
+            return NOTHING
+        today.alerts_sent.discard(alert.threshold)
+        self._arm()
+        return Outcome(None, tuple(self._crossings(now)))
+
+    def persisted(
+        self, seq: int, at: datetime, *, patch_written: bool, latency_s: float = 0.0
+    ) -> Outcome[None]:
+        """The store confirmed everything up to ``seq`` as durable."""
+        self._last_write_at = at
+        if latency_s:
+            self._persist_latency_s = latency_s
+        self._durable_seq = max(self._durable_seq, seq)
+        self._store_ok = True
+        if patch_written:
+            self._last_persist_at = at
+        if self._durable_seq >= self._seq:
+            self._catching_up = False
+        return NOTHING
+
+    def store_failed(self) -> Outcome[None]:
+        """A store write failed; it will be retried. Health turns ``degraded``."""
+        self._store_ok = False
+        self._catching_up = True
+        return NOTHING
+
+    def restarted(self, child: str) -> Outcome[None]:
+        """A supervised task failed and is being restarted (for metrics)."""
+        self.restarts[child] = self.restarts.get(child, 0) + 1
+        return NOTHING
+
+    def _advance(self, now: datetime) -> list[Effect]:
+        """The one rollover check, at the start of every timed event: only a
+        comparison per event, since the day's end is worked out once a day.
+
+        Once ``now`` reaches midnight, the old day's final snapshot is due as
+        its patch, and the new day starts at zero with every threshold armed.
+        """
+        if now < self._today.ends_at:
+            return []
+        old = self.snapshot()
+        self._today = _new_day(now, self.config)
+        self._arm()
+        self.version += 1
+        return [PatchDue(old, "rollover")]
+
+    def _check_thresholds(self, now: datetime, effects: list[Effect]) -> None:
+        today = self._today
+        if today.next_alert_at is not None and today.total >= today.next_alert_at:
+            effects.extend(self._crossings(now))
 
     def _release(self, dispatch_id: str) -> None:
         held = self._today.reservations.pop(dispatch_id, None)
@@ -353,34 +405,6 @@ class Ledger:
             if expires > now:
                 return
             self._release(dispatch_id)
-
-    def cycle(self, now: datetime) -> list[Effect]:
-        """Count one heartbeat cycle; every ``persist_every``-th asks for a patch."""
-        effects = self._roll(now) if now >= self._today.ends_at else []
-        self._today.cycles += 1
-        self._last_cycle_at = now
-        if self._today.cycles % self.config.persist_every == 0:
-            effects.append(PatchDue(self.snapshot(), "cycle"))
-        return effects
-
-    def persisted(
-        self, seq: int, at: datetime, *, patch_written: bool, latency_s: float = 0.0
-    ) -> None:
-        """The store confirmed everything up to ``seq`` as durable."""
-        self._last_write_at = at
-        if latency_s:
-            self._persist_latency_s = latency_s
-        self._durable_seq = max(self._durable_seq, seq)
-        self._store_ok = True
-        if patch_written:
-            self._last_persist_at = at
-        if self._durable_seq >= self._seq:
-            self._catching_up = False
-
-    def store_failed(self) -> None:
-        """A store write failed; it will be retried. Health turns ``degraded``."""
-        self._store_ok = False
-        self._catching_up = True
 
     # -- views ---------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import trio
 
@@ -111,10 +112,31 @@ class BudgetActor:
         self._subscribers: set[Subscription] = set()
         self._published: Published | None = None
         self._published_version = -1
-        self._ledger: Ledger | None = None
         self._started_at = 0.0
         #: True once restored and handling messages.
         self.ready = False
+        self._stopping = False
+        # The mailbox's messages and their handlers: each small, synchronous,
+        # never awaiting (the actor must not wait for anyone).
+        self._handlers: dict[type[Message], Callable[[Any], None]] = {
+            RecordCost: self._on_cost,
+            Admit: self._on_admit,
+            CountCycle: self._on_cycle,
+            Tick: self._on_tick,
+            QueryHealth: self._on_health,
+            StoreReport: self._on_store_report,
+            Subscribe: self._on_subscribe,
+            Unsubscribe: self._on_unsubscribe,
+            AlertDelivered: self._on_alert_delivered,
+            AlertWithdrawn: self._on_alert_withdrawn,
+            Synced: self._on_synced,
+            Uncount: self._on_uncount,
+            ChildFailed: self._on_child_failed,
+            Shutdown: self._on_shutdown,
+        }
+
+    # Set by run() once restored; every handler runs after that.
+    _ledger: Ledger
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Restore, start the children, then handle messages until shutdown.
@@ -131,8 +153,8 @@ class BudgetActor:
         restored = await trio.to_thread.run_sync(
             self.store.load, day_of(now, self.config), limiter=self._limiter
         )
-        ledger, effects = Ledger.restore(self.config, self._clock(), restored)
-        self._ledger = ledger
+        restoring = Ledger.restore(self.config, self._clock(), restored)
+        self._ledger = ledger = restoring.value
         self._started_at = trio.current_time()
         self.ready = True
         persister = Persister(
@@ -157,7 +179,7 @@ class BudgetActor:
             async with trio.open_nursery() as nursery:
                 for name, child in children:
                     nursery.start_soon(supervise, name, child, self._policy, self._restarted)
-                self._apply(effects)
+                self._apply(restoring.effects)
                 task_status.started()
                 await self._loop(ledger)
                 nursery.cancel_scope.cancel()
@@ -193,7 +215,8 @@ class BudgetActor:
             before = ledger.version
             handled = 0
             while True:
-                if self._handle(ledger, message):
+                self._handle(message)
+                if self._stopping:
                     self._publish_if_changed(ledger, before)
                     return
                 handled += 1
@@ -205,98 +228,127 @@ class BudgetActor:
                     break
             self._publish_if_changed(ledger, before)
 
-    def _handle(self, ledger: Ledger, message: Message) -> bool:
-        """Handle one message; True means stop. If handling fails, whoever
-        waits on the message is told (ServiceStopped) before the error
-        propagates and the actor is restarted."""
+    def _handle(self, message: Message) -> None:
+        """Handle one message. If handling fails, whoever waits on the message
+        is told (ServiceStopped) before the error propagates and the actor is
+        restarted."""
         try:
-            return self._dispatch(ledger, message)
+            self._handlers[type(message)](message)
         except BaseException:
             fail_waiters(message)
             raise
 
-    def _dispatch(self, ledger: Ledger, message: Message) -> bool:
-        if isinstance(message, RecordCost):
-            recorded = ledger.record(self._clock(), message.cost)
-            receipt = message.receipt
-            if receipt is not None:
-                receipt.seq = recorded.seq
-                receipt.duplicate = recorded.duplicate
-            if recorded.entry is not None:
-                self._persist.put(JournalJob(recorded.entry, receipt, self._woke_at))
-            elif receipt is not None:
-                # A duplicate is acknowledged only once the original is durable.
-                self._persist.put(BarrierJob(receipt))
-            if recorded.effects:
-                self._apply(recorded.effects)
-        elif isinstance(message, Admit):
-            if ledger.instance is not None and ledger.store_behind:
-                # Costs acknowledged from the spill file are in no share yet:
-                # the store would admit against a spend that lacks them.
-                message.reply.set(
-                    Admission(
-                        dispatch_id=message.dispatch_id,
-                        allowed=False,
-                        remaining=ledger.spend().remaining,
-                        reason="this instance's costs are not all in the shared store yet"
-                        " (database failing or catching up); try again or another instance",
-                    )
-                )
-            elif ledger.instance is not None:
-                # Shared: only the store sees every instance's reservations.
-                self._admits.put(message)
-            else:
-                admission, effects = ledger.admit(
-                    self._clock(), message.dispatch_id, message.estimate
-                )
-                message.reply.set(admission)
-                self._apply(effects)
-        elif isinstance(message, CountCycle):
-            self._apply(ledger.cycle(self._clock()))
-        elif isinstance(message, Tick):
-            self._apply(ledger.tick(self._clock()))
-        elif isinstance(message, QueryHealth):
-            self._apply(ledger.tick(self._clock()))
+    # -- the handlers, one per message type ------------------------------------
+
+    def _on_cost(self, message: RecordCost) -> None:
+        outcome = self._ledger.record(self._clock(), message.cost)
+        recorded, receipt = outcome.value, message.receipt
+        if receipt is not None:
+            receipt.seq = recorded.seq
+            receipt.duplicate = recorded.duplicate
+        if recorded.entry is not None:
+            self._persist.put(JournalJob(recorded.entry, receipt, self._woke_at))
+        elif receipt is not None:
+            # A duplicate is acknowledged only once the original is durable.
+            self._persist.put(BarrierJob(receipt))
+        self._apply(outcome.effects)
+
+    def _on_admit(self, message: Admit) -> None:
+        ledger = self._ledger
+        if ledger.instance is None:
+            outcome = ledger.admit(self._clock(), message.dispatch_id, message.estimate)
+            message.reply.set(outcome.value)
+            self._apply(outcome.effects)
+        elif ledger.store_behind:
+            # Costs acknowledged from the spill file are in no share yet:
+            # the store would admit against a spend that lacks them.
             message.reply.set(
-                ledger.health(
-                    self._clock(),
-                    store=self.store.kind,
-                    subscribers=len(self._subscribers),
-                    uptime_s=round(trio.current_time() - self._started_at, 3),
-                    sync_age_s=self._sync_age(),
+                Admission(
+                    dispatch_id=message.dispatch_id,
+                    allowed=False,
+                    remaining=ledger.spend().remaining,
+                    reason="this instance's costs are not all in the shared store yet"
+                    " (database failing or catching up); try again or another instance",
                 )
             )
-        elif isinstance(message, StoreReport):
-            if message.ok:
-                ledger.persisted(
-                    message.seq,
-                    message.at,
-                    patch_written=message.patch_written,
-                    latency_s=message.latency_s,
-                )
-            else:
-                ledger.store_failed()
-        elif isinstance(message, Subscribe):
-            self._subscribers.add(message.subscription)
-            message.subscription.offer_spend(self._current(ledger))
-        elif isinstance(message, Unsubscribe):
-            self._subscribers.discard(message.subscription)
-            message.subscription.close()
-        elif isinstance(message, AlertDelivered):
-            self._push_alert(message)
-        elif isinstance(message, Synced):
-            self._synced_at = message.at
-            self._apply(ledger.synced(self._clock(), message.others))
-        elif isinstance(message, Uncount):
-            for entry, original in message.duplicates:
-                ledger.uncount(entry, original)
-        elif isinstance(message, AlertWithdrawn):
-            self._apply(ledger.withdraw(self._clock(), message.alert))
-        elif isinstance(message, ChildFailed):
-            ledger.restarts[message.child] = ledger.restarts.get(message.child, 0) + 1
-        elif isinstance(message, Shutdown):
-            return True
-        return False
+        else:
+            # Shared: only the store sees every instance's reservations.
+            self._admits.put(message)
+
+    def _on_cycle(self, message: CountCycle) -> None:
+        self._apply(self._ledger.cycle(self._clock()).effects)
+
+    def _on_tick(self, message: Tick) -> None:
+        self._apply(self._ledger.tick(self._clock()).effects)
+
+    def _on_health(self, message: QueryHealth) -> None:
+        self._on_tick(Tick())  # a day that ended shows as the new day
+        message.reply.set(
+            self._ledger.health(
+                self._clock(),
+                store=self.store.kind,
+                subscribers=len(self._subscribers),
+                uptime_s=round(trio.current_time() - self._started_at, 3),
+                sync_age_s=self._sync_age(),
+            )
+        )
+
+    def _on_store_report(self, message: StoreReport) -> None:
+        if message.ok:
+            self._ledger.persisted(
+                message.seq,
+                message.at,
+                patch_written=message.patch_written,
+                latency_s=message.latency_s,
+            )
+        else:
+            self._ledger.store_failed()
+
+    def _on_subscribe(self, message: Subscribe) -> None:
+        self._subscribers.add(message.subscription)
+        message.subscription.offer_spend(self._current(self._ledger))
+
+    def _on_unsubscribe(self, message: Unsubscribe) -> None:
+        self._subscribers.discard(message.subscription)
+        message.subscription.close()
+
+    def _on_alert_delivered(self, message: AlertDelivered) -> None:
+        alert = message.alert
+        notice = AlertNotice(
+            to=alert.to,
+            day=alert.day,
+            threshold=float(alert.threshold),
+            daily_spend=alert.daily_spend,
+            daily_cap=alert.daily_cap,
+            kind=alert.kind if alert.projected_spend is not None else None,
+            projected_spend=alert.projected_spend,
+        )
+        log.info(
+            "alert delivered to %s: %s%% of %s on %s",
+            alert.to,
+            alert.percent,
+            alert.daily_cap,
+            alert.day,
+        )
+        for subscription in self._subscribers:
+            subscription.offer_alert(notice)
+
+    def _on_alert_withdrawn(self, message: AlertWithdrawn) -> None:
+        self._apply(self._ledger.withdraw(self._clock(), message.alert).effects)
+
+    def _on_synced(self, message: Synced) -> None:
+        self._synced_at = message.at
+        self._apply(self._ledger.synced(self._clock(), message.others).effects)
+
+    def _on_uncount(self, message: Uncount) -> None:
+        for entry, original in message.duplicates:
+            self._apply(self._ledger.uncount(entry, original).effects)
+
+    def _on_child_failed(self, message: ChildFailed) -> None:
+        self._ledger.restarted(message.child)
+
+    def _on_shutdown(self, message: Shutdown) -> None:
+        self._stopping = True
 
     def _restarted(self, child: str) -> None:
         # Counted by the actor, which owns the figures; never blocks.
@@ -305,7 +357,8 @@ class BudgetActor:
         ):
             self._outbox.send_nowait(ChildFailed(child))
 
-    def _apply(self, effects: list[Effect] | tuple[Effect, ...]) -> None:
+    def _apply(self, effects: tuple[Effect, ...]) -> None:
+        """Carry out the ledger's effects: hand-offs that never block."""
         for effect in effects:
             if isinstance(effect, PatchDue):
                 self._persist.put(PatchJob(effect.snapshot))
@@ -342,27 +395,6 @@ class BudgetActor:
             else:
                 subscription.offer_spend(published)
         self._subscribers.difference_update(gone)
-
-    def _push_alert(self, delivered: AlertDelivered) -> None:
-        alert = delivered.alert
-        notice = AlertNotice(
-            to=alert.to,
-            day=alert.day,
-            threshold=float(alert.threshold),
-            daily_spend=alert.daily_spend,
-            daily_cap=alert.daily_cap,
-            kind=alert.kind if alert.projected_spend is not None else None,
-            projected_spend=alert.projected_spend,
-        )
-        log.info(
-            "alert delivered to %s: %s%% of %s on %s",
-            alert.to,
-            alert.percent,
-            alert.daily_cap,
-            alert.day,
-        )
-        for subscription in self._subscribers:
-            subscription.offer_alert(notice)
 
     async def _tick(self) -> None:
         while True:
