@@ -36,12 +36,13 @@ import trio
 
 from ..core.config import BudgetConfig
 from ..core.ledger import AlertDue, Effect, Ledger, PatchDue, day_of
+from ..core.records import Alert
 from ..core.views import Admission, AlertNotice
 from ..stores.postgres import PostgresStore
 from ..stores.spill import SpillFile
 from ..stores.store import Store
-from .alerter import Alerter, AlertQueue
-from .coordinator import AdmitQueue, Coordinator
+from .alerter import Alerter
+from .coordinator import Coordinator
 from .fanout import Published, Subscription
 from .messages import (
     Admit,
@@ -62,6 +63,7 @@ from .messages import (
     fail_waiters,
 )
 from .persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
+from .resumable import ResumableQueue
 from .stats import ServiceStats
 from .supervisor import Escalation, RestartPolicy, Restarts, supervise
 
@@ -105,8 +107,8 @@ class BudgetActor:
         # it share this stamp, for the ack latency histogram.
         self._woke_at = 0.0
         self._persist = PersistQueue(spill)
-        self._alerts = AlertQueue()
-        self._admits = AdmitQueue()
+        self._alerts: ResumableQueue[Alert] = ResumableQueue()
+        self._admits: ResumableQueue[Admit] = ResumableQueue()
         # trio time of the last read of the other instances' totals.
         self._synced_at: float | None = None
         self._subscribers: set[Subscription] = set()

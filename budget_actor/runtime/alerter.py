@@ -7,44 +7,25 @@ the live push, never send the nudge twice: on restart the row marks the alert
 as sent. A crash *before* the row exists loses nothing either, because restore
 recomputes the crossing from the journal and the alert is due again.
 
-The alert being delivered lives in :class:`AlertQueue`, which outlives any one
+The alerts, and the one being delivered, live in a
+:class:`~budget_actor.runtime.resumable.ResumableQueue`, which outlives any one
 run of the alerter, so a restarted alerter finishes it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
-
-import trio
 
 from ..core.records import Alert
 from .messages import AlertDelivered, AlertWithdrawn, Message, Reply
 from .persister import NudgeJob, PersistQueue
-
-
-class AlertQueue:
-    def __init__(self) -> None:
-        self.send, self.recv = trio.open_memory_channel[Alert](math.inf)
-        self.current: Alert | None = None
-
-    def put(self, alert: Alert) -> None:
-        self.send.send_nowait(alert)
-
-    def pending(self) -> list[Alert]:
-        """Every alert not yet delivered (for the final flush at shutdown)."""
-        alerts = [] if self.current is None else [self.current]
-        while True:
-            try:
-                alerts.append(self.recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return alerts
+from .resumable import ResumableQueue
 
 
 class Alerter:
     def __init__(
         self,
-        queue: AlertQueue,
+        queue: ResumableQueue[Alert],
         persist: PersistQueue,
         deliver: Callable[[Message], Awaitable[None]],
     ) -> None:
@@ -55,12 +36,7 @@ class Alerter:
     async def run(self) -> None:
         queue = self.queue
         while True:
-            if queue.current is None:
-                try:
-                    queue.current = await queue.recv.receive()
-                except trio.EndOfChannel:
-                    return
-            alert = queue.current
+            alert = await queue.next()
             written: Reply[str] = Reply()
             self.persist.put(NudgeJob(alert, written))
             # Pushed whether or not this write inserted the row: a retried
@@ -73,4 +49,4 @@ class Alerter:
                 await self.deliver(AlertWithdrawn(alert))
             else:
                 await self.deliver(AlertDelivered(alert))
-            queue.current = None
+            queue.done()

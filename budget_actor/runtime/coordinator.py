@@ -21,8 +21,9 @@ If the store cannot be reached, sync keeps the last view (health shows its
 age in ``sync_age_s``) and ``admit`` is refused: an instance that cannot see
 the others must not hand out budget that they may have spent.
 
-Pending admissions live in :class:`AdmitQueue`, which outlives a restarted
-coordinator; a retried admission is harmless (it replaces its own reservation).
+Pending admissions live in a
+:class:`~budget_actor.runtime.resumable.ResumableQueue`, which outlives a
+restarted coordinator; a retried admission is harmless (it replaces its own reservation).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..core.views import Admission
 from ..stores.postgres import PostgresStore
 from ..stores.store import StoreError
 from .messages import Admit, Message, Synced
+from .resumable import ResumableQueue
 
 T = TypeVar("T")
 
@@ -49,33 +51,12 @@ log = logging.getLogger("budget_actor.shared")
 FAILURE_LOG_EVERY_S = 10.0
 
 
-class AdmitQueue:
-    """Admissions waiting for the coordinator; survives its restarts."""
-
-    def __init__(self) -> None:
-        self.send, self.recv = trio.open_memory_channel[Admit](math.inf)
-        self.current: Admit | None = None
-
-    def put(self, admit: Admit) -> None:
-        self.send.send_nowait(admit)
-
-    def pending(self) -> list[Admit]:
-        """Every admission not answered (to fail them when the actor ends)."""
-        waiting = [] if self.current is None else [self.current]
-        self.current = None
-        while True:
-            try:
-                waiting.append(self.recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return waiting
-
-
 class Coordinator:
     def __init__(
         self,
         store: PostgresStore,
         config: BudgetConfig,
-        queue: AdmitQueue,
+        queue: ResumableQueue[Admit],
         day: Callable[[], str],
         report: Callable[[Message], Awaitable[None]],
     ) -> None:
@@ -120,13 +101,12 @@ class Coordinator:
         queue = self.queue
         next_sync = trio.current_time()
         while True:
-            if queue.current is None:
-                with trio.move_on_at(next_sync):
-                    queue.current = await queue.recv.receive()
-            admit = queue.current
+            admit: Admit | None = None
+            with trio.move_on_at(next_sync):
+                admit = await queue.next()
             if admit is not None:
                 await self._admit(admit)
-                queue.current = None
+                queue.done()
             else:
                 await self._sync()
             next_sync = trio.current_time() + self.config.sync_interval_s
