@@ -423,7 +423,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from ..core.audit import audit
     from ..core.records import Snapshot
     from ..stores.open import open_store
-    from ..stores.postgres import PostgresStore
 
     try:
         zone = ZoneInfo(args.timezone)
@@ -448,7 +447,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 print(f"reading the journal of {day}…", end="", file=sys.stderr, flush=True)
             entries = store.journal(day)
             patch = Snapshot.from_body(body) if body is not None else None
-            shares = store.share_checks(day, patch) if isinstance(store, PostgresStore) else None
+            shares = store.share_checks(day, patch)
         finally:
             store.close()
     except StoreError as exc:

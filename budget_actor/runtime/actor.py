@@ -38,7 +38,6 @@ from ..core.config import BudgetConfig
 from ..core.ledger import AlertDue, Effect, Ledger, PatchDue, day_of
 from ..core.records import Alert
 from ..core.views import Admission, AlertNotice
-from ..stores.postgres import PostgresStore
 from ..stores.spill import SpillFile
 from ..stores.store import Store
 from .alerter import Alerter
@@ -168,9 +167,10 @@ class BudgetActor:
             ("alerter", alerter.run),
             ("ticker", self._tick),
         ]
-        if isinstance(self.store, PostgresStore):
+        shared = self.store.shared_budget()
+        if shared is not None:
             coordinator = Coordinator(
-                self.store.companion(),
+                shared,
                 self.config,
                 self._admits,
                 lambda: ledger.day,

@@ -15,7 +15,7 @@ own, so that it never waits behind the persister's writes. It does two things:
   one interval (plus a query, plus the others' commit latency) old.
 * **admit**: an ``admit`` must reserve against the *global* cap atomically, so
   the actor hands it here and the store decides it under a per-day advisory
-  lock (:meth:`PostgresStore.admit`). The answer comes with fresh totals.
+  lock (:meth:`SharedBudget.admit`, PostgreSQL's). The answer comes with fresh totals.
 
 If the store cannot be reached, sync keeps the last view (health shows its
 age in ``sync_age_s``) and ``admit`` is refused: an instance that cannot see
@@ -38,8 +38,7 @@ import trio
 
 from ..core.config import BudgetConfig
 from ..core.views import Admission
-from ..stores.postgres import PostgresStore
-from ..stores.store import StoreError
+from ..stores.store import SharedBudget, StoreError
 from .messages import Admit, Message, Synced
 from .resumable import ResumableQueue
 
@@ -54,7 +53,7 @@ FAILURE_LOG_EVERY_S = 10.0
 class Coordinator:
     def __init__(
         self,
-        store: PostgresStore,
+        store: SharedBudget,
         config: BudgetConfig,
         queue: ResumableQueue[Admit],
         day: Callable[[], str],

@@ -16,13 +16,11 @@ number of tasks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import trio
@@ -32,7 +30,6 @@ from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
 from ..core.views import Admission, Health, Update
 from ..stores.open import open_store
 from ..stores.spill import SpillFile, claim
-from ..stores.sqlite import SqliteStore
 from ..stores.store import Store, StoreError
 from .actor import BudgetActor, drain_spill, run_supervised
 from .fanout import Published, Subscription
@@ -70,26 +67,9 @@ class Receipt(msgspec.Struct, frozen=True):
 
 
 def default_spill_path(store: Store) -> Path:
-    """Where acknowledged costs wait during an outage, unless told otherwise.
-
-    Beside the SQLite file (``budget.db`` -> ``budget.db.spill``); for
-    PostgreSQL, ``budget-<hash of the URL>.spill`` in the working directory,
-    so that services on different databases never share one.
-    """
-    if isinstance(store, SqliteStore):
-        return Path(store.path + ".spill")
-    # Host, port and database only: rotating a password or changing a
-    # connection option must not orphan a spill file of acknowledged costs.
-    parts = urlsplit(store.location)
-    where = f"{parts.hostname}:{parts.port}{parts.path}?{_search_path(parts.query)}"
-    digest = hashlib.sha256(where.encode()).hexdigest()[:12]
-    return Path(f"budget-{digest}.spill")
-
-
-def _search_path(query: str) -> str:
-    # The schema is part of where the costs belong (one service per schema).
-    options = parse_qs(query).get("options", [""])[0]
-    return options if "search_path" in options else ""
+    """Where acknowledged costs wait during an outage, unless told otherwise:
+    the store's own choice (:meth:`Store.spill_path`)."""
+    return store.spill_path()
 
 
 def _utc_now() -> datetime:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 
@@ -168,13 +171,24 @@ class PostgresStore(Store):
             self._take_instance_lock(conn)
         return conn
 
-    def companion(self) -> PostgresStore:
+    def shared_budget(self) -> PostgresStore:
         """A second, read-only connection to the same store for the same
         instance (the coordinator's: sync queries and admissions never wait
         behind the persister's writes)."""
         other = PostgresStore(self.url, self.instance)
         other._read_only = True
         return other
+
+    def spill_path(self) -> Path:
+        """``budget-<hash>.spill`` in the working directory, the hash of the
+        host, port, database and schema, so that services on different
+        databases never share one."""
+        # Host, port and database only: rotating a password or changing a
+        # connection option must not orphan a spill file of acknowledged costs.
+        parts = urlsplit(self.url)
+        where = f"{parts.hostname}:{parts.port}{parts.path}?{_search_path(parts.query)}"
+        digest = hashlib.sha256(where.encode()).hexdigest()[:12]
+        return Path(f"budget-{digest}.spill")
 
     def _take_instance_lock(self, conn: Any) -> None:
         """One live service per instance id and schema.
@@ -554,6 +568,12 @@ class PostgresStore(Store):
     def _read_time(self, value: Any) -> datetime:
         moment: datetime = value
         return moment
+
+
+def _search_path(query: str) -> str:
+    # The schema is part of where the costs belong (one service per schema).
+    options = parse_qs(query).get("options", [""])[0]
+    return options if "search_path" in options else ""
 
 
 def default_instance_id() -> str:

@@ -7,6 +7,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Any
 
 from ..core.records import iso_utc
@@ -81,6 +82,10 @@ class SqliteStore(Store):
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
+
+    def spill_path(self) -> Path:
+        """Beside the database file: ``budget.db`` -> ``budget.db.spill``."""
+        return Path(self.path + ".spill")
 
     def _connect(self) -> Any:
         # check_same_thread=False: trio may run successive calls on different

@@ -24,10 +24,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import msgspec
 
+from ..core.audit import ShareCheck
 from ..core.cost import Cost
 from ..core.money import add
 from ..core.records import (
@@ -40,6 +42,7 @@ from ..core.records import (
     Snapshot,
     WriteResult,
 )
+from ..core.views import Admission
 
 # The journal's columns in the order a JournalEntry is read from a row: its
 # own fields, then its Cost's fields in their declared order.
@@ -59,6 +62,27 @@ class StoreError(Exception):
 # A deadlock between two instances resolves on the first retry; a handful
 # covers bad luck without hiding a real, persistent problem.
 CONFLICT_RETRIES = 5
+
+
+class SharedBudget(Protocol):
+    """What the coordinator needs of a store whose budget several instances
+    share (see :meth:`Store.shared_budget`). Blocking, like every store call;
+    each raises :class:`StoreError`."""
+
+    instance: str | None
+
+    def others(self, day: str) -> Others:
+        """The other instances' durable totals of ``day``."""
+        ...
+
+    def admit(
+        self, day: str, dispatch_id: str, estimate: Decimal, cap: Decimal, ttl_s: float
+    ) -> tuple[Admission, Others]:
+        """Reserve ``estimate`` against the global cap if it fits, with the
+        others' fresh totals."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Store(ABC):
@@ -161,9 +185,24 @@ class Store(ABC):
         result: WriteResult = self._run(lambda cur: self._write(cur, entries, patches, nudges, now))
         return result
 
-    def others(self, day: str) -> Others:
-        """The other instances' durable totals of ``day`` (shared stores only)."""
-        raise StoreError(f"{self.kind}: this store is not shared")
+    # -- capabilities: what upper layers may ask instead of testing classes --
+
+    @abstractmethod
+    def spill_path(self) -> Path:
+        """Where acknowledged costs wait while this store is unreachable,
+        unless the service is told otherwise; distinct for distinct stores."""
+
+    def shared_budget(self) -> SharedBudget | None:
+        """A second handle on this store for the coordinator (its own
+        connection), when several instances share this store's budget; None
+        when the store serves one instance alone (then the ledger decides
+        admissions itself and there is nobody to sync with)."""
+        return None
+
+    def share_checks(self, day: str, patch: Snapshot | None) -> list[ShareCheck] | None:
+        """Each instance's share of ``day`` beside its journal rows, for
+        ``verify``; None when there are no shares to check."""
+        return None
 
     def get_patch(self, type_: str, name: str) -> dict[str, Any] | None:
         """The body of one ``quilt_patches`` row, or None."""
