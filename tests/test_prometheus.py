@@ -193,7 +193,7 @@ def test_the_rules_pass_promtool_check() -> None:
     promtool = _promtool()
     code, output = _run(promtool, "check", "rules", str(RULES))
     assert code == 0, output
-    assert "SUCCESS: 7 rules found" in output, output
+    assert "SUCCESS: 8 rules found" in output, output
 
 
 def test_the_rules_pass_their_unit_tests() -> None:

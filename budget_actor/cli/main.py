@@ -30,6 +30,7 @@ from ..core.access import (
     is_loopback,
 )
 from ..core.config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
+from ..core.webhook import parse_webhook_url
 from ..net.server import ServerOptions, serve
 from ..runtime.service import open_budget
 from ..runtime.supervisor import Escalation
@@ -77,6 +78,13 @@ def _parser() -> _Parser:
         help="this instance's name among those sharing a PostgreSQL budget (default: HOST-PID)",
     )
     _add_budget_options(serve)
+    serve.add_argument(
+        "--alert-webhook",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="POST every alert to this URL (repeatable; env BUDGET_ALERT_WEBHOOK, comma-separated)",
+    )
     serve.add_argument(
         "--sync-interval",
         default=_env("BUDGET_SYNC_INTERVAL", "0.2"),
@@ -298,6 +306,24 @@ def _instance_id(value: str) -> str | None:
     return value
 
 
+def _webhooks(given: list[str] | None) -> list[str]:
+    """The alert webhooks: every --alert-webhook, or else BUDGET_ALERT_WEBHOOK
+    split at commas. Raises ConfigError for one that is not an http(s) URL
+    (naming its scheme or host at most: the rest may be a secret)."""
+    urls = given if given is not None else _env("BUDGET_ALERT_WEBHOOK", "").split(",")
+    checked = []
+    for url in urls:
+        if not url.strip():
+            if given is not None:
+                raise ConfigError("`alert-webhook` must not be empty")
+            continue
+        try:
+            checked.append(parse_webhook_url(url).url)
+        except ValueError as exc:
+            raise ConfigError(f"`alert-webhook` {exc}") from None
+    return checked
+
+
 def _config(args: argparse.Namespace) -> BudgetConfig:
     return make_config(
         # Only `serve` has it: the other commands never sync.
@@ -340,13 +366,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = _config(args)
         options = _server_options(args)
         instance = _instance_id(args.instance_id)
+        webhooks = _webhooks(args.alert_webhook)
     except ConfigError as exc:
         return _fail(str(exc))
     if not 0 <= args.port <= 65535:
         return _fail(f"`port` must be in 0..65535, got {args.port}")
     try:
         code: int = trio.run(
-            _serve, config, options, args.database, args.host, args.port, args.spill, instance
+            partial(_serve, webhooks=webhooks),
+            config,
+            options,
+            args.database,
+            args.host,
+            args.port,
+            args.spill,
+            instance,
         )
         return code
     except BaseException as exc:
@@ -383,10 +417,12 @@ async def _serve(
     port: int,
     spill: str,
     instance: str | None,
+    *,
+    webhooks: Sequence[str] = (),
 ) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_budget(
-            config, database=database, spill=spill or True, instance=instance
+            config, database=database, spill=spill or True, instance=instance, webhooks=webhooks
         ) as budget:
             async with trio.open_nursery() as nursery:
                 real_port = await nursery.start(partial(serve, options=options), budget, host, port)

@@ -119,6 +119,9 @@ class Health(
     # The last heartbeat cycle counted since this process started (omitted
     # before the first).
     last_cycle_at: datetime | None = None
+    # Alert webhook deliveries not yet answered by a 2xx (omitted when no
+    # webhook is configured).
+    webhooks_pending: int | None = None
     # Echo of the request's ``id``; omitted when the request had none.
     id: str | None = None
 

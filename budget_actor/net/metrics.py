@@ -159,6 +159,22 @@ class BudgetCollector:
                 "Seconds each successful store transaction took",
                 self.stats.commit_duration,
             )
+        webhooks = self.stats.webhooks if self.stats is not None else None
+        yield gauge(
+            "webhooks_pending",
+            "Alert webhook deliveries not yet answered by a 2xx (0 without webhooks)",
+            webhooks.pending if webhooks is not None else 0,
+        )
+        yield CounterMetricFamily(
+            _PREFIX + "webhook_deliveries",
+            "Alert webhook deliveries answered by a 2xx",
+            value=webhooks.delivered if webhooks is not None else 0,
+        )
+        yield CounterMetricFamily(
+            _PREFIX + "webhook_failures",
+            "Alert webhook attempts that failed (each retry counts)",
+            value=webhooks.failures if webhooks is not None else 0,
+        )
         if health.instance is not None:
             # Shared budget: daily_spend_usd above is global; this is our share.
             labels = ["day", "instance"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +28,7 @@ import trio
 from ..core.config import BudgetConfig
 from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
 from ..core.views import Admission, Health, Update
+from ..core.webhook import parse_webhook_url, target_of
 from ..stores.open import open_store
 from ..stores.spill import SpillFile, claim
 from ..stores.store import Store, StoreError
@@ -35,6 +36,7 @@ from .actor import BudgetActor, drain_spill, run_supervised
 from .fanout import Published, Subscription
 from .messages import (
     Admit,
+    ChildFailed,
     CostReceipt,
     CountCycle,
     Message,
@@ -46,8 +48,9 @@ from .messages import (
     Subscribe,
     Unsubscribe,
 )
-from .stats import ServiceStats
-from .supervisor import RestartPolicy
+from .stats import ServiceStats, WebhookStats
+from .supervisor import RestartPolicy, supervise
+from .webhooks import WebhookPolicy, WebhookSender
 
 # Bounded, so that a flood of costs slows its senders (backpressure) instead of
 # growing memory without limit. Large enough that the actor drains it in
@@ -206,7 +209,12 @@ class Budget:
         """Every health figure, as the actor sees it now."""
         reply: Reply[Health] = Reply()
         await self._send(QueryHealth(reply))
-        return await reply.get()
+        health = await reply.get()
+        webhooks = self.stats.webhooks
+        if webhooks is not None:
+            # The webhook child keeps this figure; the actor never sees it.
+            health = msgspec.structs.replace(health, webhooks_pending=webhooks.pending)
+        return health
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[AsyncIterator[Update]]:
@@ -274,6 +282,8 @@ async def open_budget(
     policy: RestartPolicy | None = None,
     spill: str | os.PathLike[str] | bool = True,
     instance: str | None = None,
+    webhooks: Sequence[str] = (),
+    webhook_policy: WebhookPolicy | None = None,
 ) -> AsyncIterator[Budget]:
     """Open the store, restore today and run the budget actor for the block.
 
@@ -285,16 +295,21 @@ async def open_budget(
     live instances hold it), a path, or ``False`` for none (then, during an
     outage, :meth:`Budget.record` waits for the store). ``instance`` is this
     service's id among the instances sharing a PostgreSQL budget (default:
-    host name and process id); see ``docs/scaling.md``.
+    host name and process id); see ``docs/scaling.md``. ``webhooks`` are the
+    URLs to which every alert is POSTed (at least once, across restarts; see
+    :mod:`budget_actor.runtime.webhooks`).
 
-    Raises :class:`~budget_actor.StoreError` if the store cannot be opened or
+    Raises ``ValueError`` for a webhook that is not an http(s) URL, and
+    :class:`~budget_actor.StoreError` if the store cannot be opened or
     read. If a child task fails too often, the block is cancelled and an
     ``ExceptionGroup`` holding :class:`~budget_actor.Escalation` propagates.
     On exit (normal, exception or cancellation) the actor handles what was
     already sent, then writes everything with a final patch (bounded time).
     """
     config = config or BudgetConfig()
+    hooks = [parse_webhook_url(url) for url in dict.fromkeys(webhooks)]
     store = open_store(database, instance) if isinstance(database, str) else database
+    store.webhook_targets = tuple(target_of(hook.url) for hook in hooks)
     orphans: list[SpillFile] = []
     if spill is True:
         spill_file: SpillFile | None
@@ -324,6 +339,8 @@ async def open_budget(
         outbox, inbox = trio.open_memory_channel[Message](MAILBOX_SIZE)
         restart_policy = policy or RestartPolicy()
         stats = ServiceStats()
+        if hooks:
+            stats.webhooks = WebhookStats()
 
         def make_actor() -> BudgetActor:
             return BudgetActor(
@@ -338,14 +355,47 @@ async def open_budget(
                 stats=stats,
             )
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(run_supervised, make_actor, inbox, restart_policy)
-            budget = Budget(config, store.kind, outbox, stats)
-            try:
-                yield budget
-            finally:
+        def restarted(child: str) -> None:
+            # Counted by the actor, like its own children's restarts.
+            with contextlib.suppress(
+                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                outbox.send_nowait(ChildFailed(child))
+
+        # The webhook child runs beside the actor, not under it: it needs
+        # nothing of the actor's state, and an actor restart must not cut a
+        # delivery short. It stops when the service stops.
+        webhooks_scope = trio.CancelScope()
+        companion = store.companion() if stats.webhooks is not None else None
+
+        async def deliver_webhooks(sender: WebhookSender) -> None:
+            with webhooks_scope:
+                await supervise("webhooks", sender.run, restart_policy, restarted)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_supervised, make_actor, inbox, restart_policy)
+                budget = Budget(config, store.kind, outbox, stats)
+                if companion is not None and stats.webhooks is not None:
+                    sender = WebhookSender(
+                        companion,
+                        hooks,
+                        owner=store.instance or store.kind,
+                        clock=clock,
+                        stats=stats.webhooks,
+                        policy=webhook_policy,
+                    )
+                    nursery.start_soon(deliver_webhooks, sender)
+                try:
+                    yield budget
+                finally:
+                    webhooks_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await budget.stop()
+        finally:
+            if companion is not None:
                 with trio.CancelScope(shield=True):
-                    await budget.stop()
+                    await trio.to_thread.run_sync(companion.close)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close, limiter=limiter)

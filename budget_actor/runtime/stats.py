@@ -10,6 +10,18 @@ from __future__ import annotations
 from ..core.histogram import Histogram
 
 
+class WebhookStats:
+    """Alert webhooks, as the webhook child last saw them."""
+
+    def __init__(self) -> None:
+        #: Deliveries to the configured webhooks that no 2xx answered yet.
+        self.pending = 0
+        #: Since the service started: deliveries answered with a 2xx, and
+        #: attempts that failed (each retry counts).
+        self.delivered = 0
+        self.failures = 0
+
+
 class ServiceStats:
     def __init__(self) -> None:
         #: From the budget actor counting a cost to the cost being durable
@@ -19,3 +31,5 @@ class ServiceStats:
         self.ack_latency = Histogram()
         #: Duration of each successful store transaction of the persister.
         self.commit_duration = Histogram()
+        #: Alert webhooks; None when none is configured.
+        self.webhooks: WebhookStats | None = None

@@ -78,6 +78,15 @@ _SCHEMA = (
         " dispatch_id text NOT NULL, instance text NOT NULL, estimate numeric NOT NULL,"
         " expires_at timestamptz NOT NULL, PRIMARY KEY (day, dispatch_id))",
     ),
+    (
+        # Alert webhook deliveries (see Store: alert webhooks), shared by the
+        # instances: whichever is configured with a webhook may send its rows.
+        "budget_webhooks",
+        "CREATE TABLE IF NOT EXISTS budget_webhooks (target text NOT NULL, name text NOT NULL,"
+        " body text NOT NULL, created_at timestamptz NOT NULL, next_at timestamptz NOT NULL,"
+        " attempts integer NOT NULL DEFAULT 0, claimed_by text, delivered_at timestamptz,"
+        " last_error text, PRIMARY KEY (target, name))",
+    ),
 )
 
 # Journal rows of one batch, this instance's share of them, and the settling
@@ -177,6 +186,14 @@ class PostgresStore(Store):
         behind the persister's writes)."""
         other = PostgresStore(self.url, self.instance)
         other._read_only = True
+        return other
+
+    def companion(self) -> PostgresStore:
+        """Another connection for this instance, for a child that must not
+        wait behind the persister (the alert webhooks). It takes no instance
+        lock (the service that made it holds that); it may write."""
+        other = PostgresStore(self.url, self.instance)
+        other._read_only = True  # here: "take no instance lock"
         return other
 
     def spill_path(self) -> Path:

@@ -26,6 +26,14 @@ _SCHEMA = (
         " dispatch_id TEXT NOT NULL, usd TEXT NOT NULL, recorded_at TEXT NOT NULL, model TEXT,"
         " agent TEXT, input_tokens INTEGER, output_tokens INTEGER, UNIQUE (day, dispatch_id))",
     ),
+    (
+        # Alert webhook deliveries (see Store: alert webhooks).
+        "budget_webhooks",
+        "CREATE TABLE IF NOT EXISTS budget_webhooks (target TEXT NOT NULL, name TEXT NOT NULL,"
+        " body TEXT NOT NULL, created_at TEXT NOT NULL, next_at TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, claimed_by TEXT, delivered_at TEXT,"
+        " last_error TEXT, PRIMARY KEY (target, name))",
+    ),
 )
 
 
@@ -86,6 +94,12 @@ class SqliteStore(Store):
     def spill_path(self) -> Path:
         """Beside the database file: ``budget.db`` -> ``budget.db.spill``."""
         return Path(self.path + ".spill")
+
+    def companion(self) -> SqliteStore:
+        """A second connection to the same file, for a child that must not
+        wait behind the persister's writes (it takes no instance lock: the
+        service that made it holds that)."""
+        return SqliteStore(self.path)
 
     def _connect(self) -> Any:
         # check_same_thread=False: trio may run successive calls on different

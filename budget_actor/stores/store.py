@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +43,8 @@ from ..core.records import (
     WriteResult,
 )
 from ..core.views import Admission
+from ..core.webhook import Delivery, DueDeliveries
+from ..core.webhook import body as webhook_body
 
 # The journal's columns in the order a JournalEntry is read from a row: its
 # own fields, then its Cost's fields in their declared order.
@@ -104,6 +106,10 @@ class Store(ABC):
     def __init__(self) -> None:
         self._conn: Any = None
         self._read_only = False
+        #: Digests of the alert webhooks (core.webhook.target_of): a nudge
+        #: row that a write inserts gets one delivery row per target, in the
+        #: same transaction.
+        self.webhook_targets: tuple[str, ...] = ()
 
     # -- dialect hooks -------------------------------------------------------
 
@@ -244,6 +250,129 @@ class Store(ABC):
         entries: list[JournalEntry] = self._run(lambda cur: self._entries(cur, day, -1))
         return entries
 
+    # -- alert webhooks --------------------------------------------------------
+    #
+    # ``budget_webhooks`` holds one row per alert and webhook (target, the
+    # digest of its URL; name, the nudge's name), written in the transaction
+    # that inserts the nudge row, so an alert that happened has its deliveries,
+    # whatever crashes next. A row is pending until a 2xx answered it
+    # (delivered_at). ``next_at`` is when it may be tried next; claiming a row
+    # moves ``next_at`` a lease ahead and names the claimer, so no other
+    # process sends it meanwhile, and a claimer that dies only delays it by
+    # the lease. Called from the webhook child's own connection
+    # (:meth:`companion`), never the persister's.
+
+    def companion(self) -> Store:
+        """Another connection to the same store, for a child that must not
+        wait behind the persister (no instance lock is taken)."""
+        raise NotImplementedError(f"{self.kind}: no companion connection")
+
+    def webhooks_due(
+        self, targets: Sequence[str], now: datetime, owner: str, lease_s: float, limit: int
+    ) -> DueDeliveries:
+        """Claim up to ``limit`` deliveries to ``targets`` that are due at
+        ``now``, for ``owner``, for ``lease_s`` seconds; count the pending
+        ones. Raises :class:`StoreError`."""
+        result: DueDeliveries = self._run(
+            lambda cur: self._webhooks_due(cur, targets, now, owner, lease_s, limit)
+        )
+        return result
+
+    def webhook_delivered(self, target: str, name: str, now: datetime) -> None:
+        """A 2xx answered this delivery. Raises :class:`StoreError`."""
+        p = self._P
+        self._run(
+            lambda cur: cur.execute(
+                f"UPDATE budget_webhooks SET delivered_at = {p}, claimed_by = NULL,"
+                f" last_error = NULL WHERE target = {p} AND name = {p} AND delivered_at IS NULL",
+                (self._time_param(now), target, name),
+            )
+        )
+
+    def webhook_failed(
+        self, target: str, name: str, owner: str, retry_at: datetime, error: str
+    ) -> None:
+        """An attempt failed: retry at ``retry_at`` (unless the lease was
+        lost meanwhile). Raises :class:`StoreError`."""
+        p = self._P
+        self._run(
+            lambda cur: cur.execute(
+                f"UPDATE budget_webhooks SET next_at = {p}, claimed_by = NULL, last_error = {p}"
+                f" WHERE target = {p} AND name = {p} AND claimed_by = {p}"
+                " AND delivered_at IS NULL",
+                (self._time_param(retry_at), error[:500], target, name, owner),
+            )
+        )
+
+    def webhooks_release(self, owner: str, now: datetime) -> int:
+        """Make the deliveries that ``owner`` had claimed due at ``now``: a
+        predecessor with this owner id died while sending them (a live one
+        cannot exist: the instance lock). Raises :class:`StoreError`."""
+        p = self._P
+
+        def release(cur: Any) -> int:
+            cur.execute(
+                f"UPDATE budget_webhooks SET claimed_by = NULL, next_at = {p}"
+                f" WHERE claimed_by = {p} AND delivered_at IS NULL",
+                (self._time_param(now), owner),
+            )
+            return int(cur.rowcount)
+
+        released: int = self._run(release)
+        return released
+
+    def _insert_webhooks(self, cur: Any, alert: Alert, stamp: Any) -> None:
+        p = self._P
+        payload = webhook_body(alert).decode()
+        for target in self.webhook_targets:
+            cur.execute(
+                "INSERT INTO budget_webhooks (target, name, body, created_at, next_at, attempts)"
+                f" VALUES ({p}, {p}, {p}, {p}, {p}, 0) ON CONFLICT (target, name) DO NOTHING",
+                (target, alert.nudge_name, payload, stamp, stamp),
+            )
+
+    def _webhooks_due(
+        self,
+        cur: Any,
+        targets: Sequence[str],
+        now: datetime,
+        owner: str,
+        lease_s: float,
+        limit: int,
+    ) -> DueDeliveries:
+        if not targets:
+            return DueDeliveries(claimed=[], pending=0, next_due_s=None)
+        p = self._P
+        marks = ", ".join([p] * len(targets))
+        cur.execute(
+            "SELECT target, name, body, attempts, next_at FROM budget_webhooks"
+            f" WHERE delivered_at IS NULL AND target IN ({marks}) ORDER BY created_at, name",
+            tuple(targets),
+        )
+        rows = cur.fetchall()
+        lease = self._time_param(now + timedelta(seconds=lease_s))
+        claimed: list[Delivery] = []
+        next_due: datetime | None = None
+        for target, name, body, attempts, next_at in rows:
+            due_at = self._read_time(next_at)
+            if due_at > now:
+                next_due = due_at if next_due is None else min(next_due, due_at)
+                continue
+            if len(claimed) >= limit:
+                continue
+            # Compare and set on next_at: of two processes that saw the row
+            # due, only the first to update it claims it.
+            cur.execute(
+                f"UPDATE budget_webhooks SET claimed_by = {p}, next_at = {p},"
+                f" attempts = attempts + 1 WHERE target = {p} AND name = {p}"
+                f" AND delivered_at IS NULL AND next_at = {p}",
+                (owner, lease, target, name, next_at),
+            )
+            if cur.rowcount == 1:
+                claimed.append(Delivery(str(target), str(name), str(body).encode(), attempts + 1))
+        wait = None if next_due is None else max((next_due - now).total_seconds(), 0.0)
+        return DueDeliveries(claimed=claimed, pending=len(rows), next_due_s=wait)
+
     # -- internals -----------------------------------------------------------
 
     def _run(self, work: Any) -> Any:
@@ -331,7 +460,10 @@ class Store(ABC):
         for snap in latest.values():
             self._upsert_patch(cur, snap, stamp)
         for alert in nudges:
-            result.nudges[alert.nudge_name] = self._insert_nudge(cur, alert, stamp)
+            outcome = self._insert_nudge(cur, alert, stamp)
+            result.nudges[alert.nudge_name] = outcome
+            if outcome == "inserted" and self.webhook_targets:
+                self._insert_webhooks(cur, alert, stamp)
         return result
 
     def _insert_journal(self, cur: Any, batch: JournalBatch, result: WriteResult) -> None:
