@@ -9,8 +9,8 @@ The public API:
 * errors: :class:`InvalidCost`, :class:`ServiceStopped`, :class:`StoreError`,
   :class:`ConfigError`, :class:`Escalation`.
 
-The network face is ``budget_actor._server.serve`` (used by ``budget-actor
-serve``); the command line is ``budget_actor._cli``.
+The network face is ``budget_actor.net.server.serve`` (used by ``budget-actor
+serve``); the command line is ``budget_actor.cli.main``.
 """
 
 from .core.config import BudgetConfig, ConfigError, make_config

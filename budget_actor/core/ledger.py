@@ -143,7 +143,7 @@ class Ledger:
     """The day's spend, its dedupe set, thresholds, cycles and store status.
 
     Every method is synchronous and side-effect free beyond the ledger itself.
-    Inputs are assumed validated (see :mod:`budget_actor._money`); the ledger
+    Inputs are assumed validated (see :mod:`budget_actor.core.cost`); the ledger
     re-checks only invariants whose violation would corrupt the totals, and
     raises ``ValueError`` for them without changing anything.
     """

@@ -151,7 +151,7 @@ class WriteResult(msgspec.Struct, kw_only=True):
     ``nudges`` maps each nudge row name in the write to ``"inserted"`` (this
     write created it), ``"exists"`` (someone had, earlier) or ``"premature"``
     (the shared spend in the store has not reached the threshold: not written;
-    only when instances share a budget, see :mod:`budget_actor._shared`).
+    only when instances share a budget, see :mod:`budget_actor.runtime.coordinator`).
     ``duplicates`` maps the seq of each journal entry that another instance
     had already counted (same day and ``dispatch_id``) to that original's seq.
     """

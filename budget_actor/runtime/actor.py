@@ -1,8 +1,8 @@
 """The budget actor: the one task that owns the day's spend.
 
-Its mailbox is a bounded trio memory channel of :mod:`budget_actor._messages`.
+Its mailbox is a bounded trio memory channel of :mod:`budget_actor.runtime.messages`.
 It drains the mailbox in batches, feeds each message to the pure
-:class:`~budget_actor._ledger.Ledger`, hands the resulting work to its children
+:class:`~budget_actor.core.ledger.Ledger`, hands the resulting work to its children
 without ever waiting for them, and after each batch publishes the new spend
 state to subscribers once. Nothing else touches the ledger, so there are no
 locks.
@@ -16,7 +16,7 @@ often):
   midnight even when no cost arrives;
 * **coordinator** (PostgreSQL, where instances share the budget): reads the
   other instances' totals and decides admissions against the global cap
-  (:mod:`budget_actor._shared`).
+  (:mod:`budget_actor.runtime.coordinator`).
 
 Shutdown: a :class:`Shutdown` message ends the loop after everything before it
 was handled; cancellation ends it at once. Either way the children stop, then a
@@ -142,9 +142,9 @@ class BudgetActor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Restore, start the children, then handle messages until shutdown.
 
-        Raises :class:`~budget_actor._store.StoreError` if the restore fails,
+        Raises :class:`~budget_actor.stores.store.StoreError` if the restore fails,
         and an ``ExceptionGroup`` holding an
-        :class:`~budget_actor._supervisor.Escalation` if a child fails too often.
+        :class:`~budget_actor.runtime.supervisor.Escalation` if a child fails too often.
         """
         now = self._clock()
         if self._spill is not None:

@@ -8,7 +8,7 @@ the row was new. It reports each outcome to the actor, which shows health
 ``degraded`` while the store is unreachable or behind.
 
 **Outages.** When a write fails, the journal entries of the batch go to the
-spill file (fsync'd, group-committed, see :mod:`budget_actor._spill`) and are
+spill file (fsync'd, group-committed, see :mod:`budget_actor.stores.spill`) and are
 acknowledged from there; patches and nudges wait in memory (they can be
 recomputed from the journal). While the spill file holds entries, new entries
 go there too, so their order is kept, and the store is retried with backoff.

@@ -4,7 +4,7 @@ One small, synchronous interface (:class:`Store`) with two implementations,
 SQLite (the embedded default) and PostgreSQL (production). Every method blocks,
 so the service calls them only from a worker thread via
 ``trio.to_thread.run_sync`` under one ``CapacityLimiter`` (see
-:mod:`budget_actor._persister`); psycopg's async API is asyncio-only.
+:mod:`budget_actor.runtime.persister`); psycopg's async API is asyncio-only.
 
 Only the persister writes. A failed call raises :class:`StoreError` and drops
 the connection, so the next call reconnects: that is how an outage ends.

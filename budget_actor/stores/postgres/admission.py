@@ -1,0 +1,67 @@
+"""PostgreSQL: admissions against the global cap of every instance.
+
+The rule is :func:`budget_actor.core.admission.decide`, the ledger's own; only
+the figures come from the database here.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from ...core.admission import decide
+from ...core.views import Admission
+
+
+def admit(
+    cur: Any,
+    day: str,
+    dispatch_id: str,
+    estimate: Decimal,
+    cap: Decimal,
+    ttl_s: float,
+    instance: str | None,
+) -> Admission:
+    """Reserve ``estimate`` for ``dispatch_id`` if it fits, in the caller's
+    transaction.
+
+    Admissions of one day are serialised by an advisory transaction lock,
+    and each reads the spend (sum of shares) and the live reservations in
+    one snapshot: a cost's journal row replaces its reservation in one
+    transaction, so every admitted estimate is counted exactly once, as
+    reserved or as spent.
+    """
+    cur.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('budget_admit:' || current_schema()), hashtext(%s))",
+        (day,),
+    )
+    cur.execute("DELETE FROM budget_reservations WHERE expires_at <= now()")
+    cur.execute(
+        "SELECT (SELECT COALESCE(sum(spend), 0) FROM budget_shares WHERE day = %(day)s),"
+        " (SELECT COALESCE(sum(estimate), 0) FROM budget_reservations"
+        "   WHERE day = %(day)s AND dispatch_id <> %(id)s),"
+        " (SELECT estimate FROM budget_reservations WHERE day = %(day)s"
+        "   AND dispatch_id = %(id)s),"
+        " EXISTS (SELECT 1 FROM budget_journal WHERE day = %(day)s AND dispatch_id = %(id)s)",
+        {"day": day, "id": dispatch_id},
+    )
+    spent, reserved, held, counted = cur.fetchone()
+    admission = decide(
+        dispatch_id,
+        estimate,
+        cap=cap,
+        spent=Decimal(str(spent)),
+        reserved=Decimal(str(reserved)),
+        held=Decimal(str(held)) if held is not None else Decimal(0),
+        counted=bool(counted),
+        scope=", all instances",
+    )
+    if admission.allowed:
+        cur.execute(
+            "INSERT INTO budget_reservations AS b (day, dispatch_id, instance, estimate,"
+            " expires_at) VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))"
+            " ON CONFLICT (day, dispatch_id) DO UPDATE SET instance = excluded.instance,"
+            " estimate = excluded.estimate, expires_at = excluded.expires_at",
+            (day, dispatch_id, instance, estimate, ttl_s),
+        )
+    return admission

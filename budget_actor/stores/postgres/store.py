@@ -1,0 +1,196 @@
+"""The PostgreSQL store: one instance's handle on a budget that instances share.
+
+This class is the :class:`~budget_actor.stores.store.Store` interface and
+little else; the SQL lives beside it, by concern:
+
+* :mod:`.connection`: the connection, the instance lock, schema and migration;
+* :mod:`.journal`: the journal with each instance's share, the patch as the
+  sum of the shares, the guarded nudge, restore of this instance's share;
+* :mod:`.shares`: the other instances' totals;
+* :mod:`.admission`: admissions against the global cap;
+* :mod:`.audit`: the share checks of ``verify``.
+
+psycopg's synchronous API is used (from worker threads): its async API is
+asyncio-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from ...core.audit import ShareCheck
+from ...core.records import PATCH_TYPE, Alert, Others, Restored, Snapshot, WriteResult
+from ...core.views import Admission
+from ..store import JournalBatch, Store
+from . import admission, audit, connection, journal, shares
+
+
+class PostgresStore(Store):
+    """PostgreSQL, shared by every instance that uses the same schema.
+
+    Each instance journals its own costs under its instance id, keeps its
+    share of each day in ``budget_shares`` in the same transaction, and reads
+    the others' shares to see the global spend (see ``docs/scaling.md``). The
+    budget patch is always the sum of all shares; a nudge row is written only
+    if the shared spend in the store has reached its threshold.
+    """
+
+    kind = "postgresql"
+    shared = True
+    # Admission, the patch sum and the nudge guard each read in a statement
+    # after taking a lock, and must see what committed before they got it:
+    # a fresh snapshot per statement. A server whose default is REPEATABLE
+    # READ would take the snapshot before the lock wait and let two
+    # admissions miss each other's reservations.
+    _BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
+
+    def __init__(self, url: str, instance: str | None = None) -> None:
+        super().__init__()
+        self.url = url
+        self.location = url
+        self.instance = instance if instance is not None else default_instance_id()
+
+    # -- capabilities ----------------------------------------------------------
+
+    def shared_budget(self) -> PostgresStore:
+        """The coordinator's own connection (:meth:`companion`): its sync
+        queries and admissions never wait behind the persister's writes."""
+        return self.companion()
+
+    def companion(self) -> PostgresStore:
+        """Another connection for this instance, for a child that must not
+        wait behind the persister (the alert webhooks). It takes no instance
+        lock (the service that made it holds that); it may write."""
+        other = PostgresStore(self.url, self.instance)
+        other._read_only = True  # here: "take no instance lock"
+        return other
+
+    def spill_path(self) -> Path:
+        """``budget-<hash>.spill`` in the working directory, the hash of the
+        host, port, database and schema, so that services on different
+        databases never share one."""
+        # Host, port and database only: rotating a password or changing a
+        # connection option must not orphan a spill file of acknowledged costs.
+        parts = urlsplit(self.url)
+        where = f"{parts.hostname}:{parts.port}{parts.path}?{_search_path(parts.query)}"
+        digest = hashlib.sha256(where.encode()).hexdigest()[:12]
+        return Path(f"budget-{digest}.spill")
+
+    def others(self, day: str) -> Others:
+        """The other instances' durable totals of ``day``. Raises StoreError."""
+        result: Others = self._run(lambda cur: shares.others(cur, day, self.instance))
+        return result
+
+    def admit(
+        self, day: str, dispatch_id: str, estimate: Decimal, cap: Decimal, ttl_s: float
+    ) -> tuple[Admission, Others]:
+        """Reserve ``estimate`` against the global cap if it fits (the rule is
+        :func:`budget_actor.core.admission.decide`, as for one instance
+        alone), and return the answer with the others' fresh totals, read in
+        the same transaction. Raises :class:`StoreError`."""
+
+        def work(cur: Any) -> tuple[Admission, Others]:
+            answer = admission.admit(cur, day, dispatch_id, estimate, cap, ttl_s, self.instance)
+            return answer, shares.others(cur, day, self.instance)
+
+        result: tuple[Admission, Others] = self._run(work)
+        return result
+
+    def share_checks(self, day: str, patch: Snapshot | None) -> list[ShareCheck] | None:
+        result: list[ShareCheck] | None = self._run(lambda cur: audit.share_checks(cur, day, patch))
+        return result
+
+    def rebuild_patch(self, day: str, daily_cap: Decimal, now: datetime) -> Snapshot:
+        """The shares are exact already: rewrite the patch as their sum."""
+        body = self.get_patch(PATCH_TYPE, f"budget_{day}")
+        cap = Snapshot.from_body(body).daily_cap if body is not None else daily_cap
+        seed = Snapshot(
+            day=day,
+            daily_spend=Decimal(0),
+            daily_cap=cap,
+            cycle_count=0,
+            dispatches=0,
+            alerts_sent=(),
+            seq=0,
+        )
+        self.write([], [seed], [], now)
+        body = self.get_patch(PATCH_TYPE, f"budget_{day}")
+        assert body is not None
+        return Snapshot.from_body(body)
+
+    # -- the Store's hooks -----------------------------------------------------
+
+    def _connect(self) -> Any:
+        return connection.connect(self.url, instance=self.instance, read_only=self._read_only)
+
+    def _schema(self) -> Sequence[tuple[str, str]]:
+        return connection.SCHEMA
+
+    def _conflict(self, exc: Exception) -> bool:
+        return connection.is_conflict(exc)
+
+    def _create(self, cur: Any) -> None:
+        connection.lock_schema(cur)
+        super()._create(cur)
+        connection.migrate(cur)
+
+    def _table_exists(self, cur: Any, table: str) -> bool:
+        return connection.table_exists(cur, table)
+
+    def _json_marker(self) -> str:
+        return "%s::jsonb"
+
+    def _journal_insert(self) -> str:
+        return journal.JOURNAL_INSERT
+
+    def _insert_journal(self, cur: Any, batch: JournalBatch, result: WriteResult) -> None:
+        journal.insert(cur, batch.json, self.instance, result)
+
+    def _upsert_patch(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
+        sent = self._sent(cur, snap.day)[0]
+        super()._upsert_patch(cur, journal.summed_patch(cur, snap, self.instance, sent), stamp)
+
+    def _insert_nudge(self, cur: Any, alert: Alert, stamp: Any) -> str:
+        return journal.insert_nudge(cur, alert, self._json_param(alert.body()), stamp)
+
+    def _load(self, cur: Any, day: str) -> Restored:
+        """This instance's own share of ``day`` (from its share row and its
+        journal rows after it) plus the others' totals; dedupe ids and sent
+        alerts are global."""
+        own = journal.own_share(cur, day, self.instance)
+        entries = self._entries(cur, day, own.seq if own else -1, self.instance)
+        return self._restored(cur, day, own, entries, shares.others(cur, day, self.instance))
+
+    def _max_seq(self, cur: Any) -> int:
+        return journal.max_seq(cur)
+
+    def _time_param(self, moment: datetime) -> Any:
+        return moment
+
+    def _read_body(self, value: Any) -> dict[str, Any]:
+        body: dict[str, Any] = value
+        return body
+
+    def _read_time(self, value: Any) -> datetime:
+        moment: datetime = value
+        return moment
+
+
+def _search_path(query: str) -> str:
+    # The schema is part of where the costs belong (one service per schema).
+    options = parse_qs(query).get("options", [""])[0]
+    return options if "search_path" in options else ""
+
+
+def default_instance_id() -> str:
+    """Host name and process id: unique among live processes, and a restarted
+    process gets a new id (its predecessor's share stays, counted once)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
