@@ -81,6 +81,7 @@ def test_the_spill_file_reads_entries_that_earlier_versions_wrote_flat(tmp_path:
         "output_tokens": None,
     }
     path.write_text(json.dumps(flat) + "\n")
+    path.chmod(0o600)  # a spill file is refused otherwise
     spill = SpillFile(path)
     spill.open()
     new = JournalEntry(seq=8, day="2026-12-01", at=at, cost=Cost("new-1", Decimal("1")))

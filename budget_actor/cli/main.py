@@ -34,6 +34,7 @@ from ..core.webhook import parse_webhook_url
 from ..net.server import ServerOptions, serve
 from ..runtime.service import open_budget
 from ..runtime.supervisor import Escalation
+from ..stores.spill import UnsafeFile
 from ..stores.store import StoreError
 
 log = logging.getLogger("budget_actor")
@@ -385,6 +386,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return code
     except BaseException as exc:
         cause = _find(exc, (StoreError, Escalation, OSError))
+        if isinstance(cause, UnsafeFile):
+            return _fail(f"unsafe spill file: {cause}")
         if isinstance(cause, StoreError):
             return _fail(f"cannot open the store: {cause}")
         if isinstance(cause, Escalation):

@@ -469,6 +469,7 @@ class Ledger:
         subscribers: int,
         uptime_s: float,
         sync_age_s: float | None = None,
+        spill_quarantined: int = 0,
     ) -> Health:
         """All health figures; the caller supplies the ones that are not accounting."""
         self._expire(now)
@@ -508,6 +509,7 @@ class Ledger:
             restarts=dict(self.restarts),
             persist_latency_s=round(self._persist_latency_s, 6),
             store_lag_s=self._lag(now),
+            spill_quarantined=spill_quarantined,
             instance=self.instance,
             instance_spend=today.spend if shared else None,
             instance_dispatches=today.dispatches if shared else None,

@@ -107,6 +107,9 @@ class Health(
     # The last store commit's duration, and how far behind the store is.
     persist_latency_s: float
     store_lag_s: float
+    # Lines of the spill file that were not valid costs, set aside in its
+    # quarantine file (not counted) for an operator to look at.
+    spill_quarantined: int
     # Shared budget only (omitted when alone): this instance's id and share,
     # the number of instances with a share today (this one included), and
     # the age of the last read of the others' totals (the staleness bound of

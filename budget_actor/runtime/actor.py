@@ -292,6 +292,7 @@ class BudgetActor:
                 subscribers=len(self._subscribers),
                 uptime_s=round(trio.current_time() - self._started_at, 3),
                 sync_age_s=self._sync_age(),
+                spill_quarantined=self._spill.quarantine.count if self._spill else 0,
             )
         )
 

@@ -300,8 +300,10 @@ async def open_budget(
     :mod:`budget_actor.runtime.webhooks`).
 
     Raises ``ValueError`` for a webhook that is not an http(s) URL, and
-    :class:`~budget_actor.StoreError` if the store cannot be opened or
-    read. If a child task fails too often, the block is cancelled and an
+    :class:`~budget_actor.StoreError` if the store cannot be opened or read,
+    or if the spill file is not safe to use (a symbolic link, another user's,
+    not mode 0600: :class:`~budget_actor.stores.spill.UnsafeFile`). If a
+    child task fails too often, the block is cancelled and an
     ``ExceptionGroup`` holding :class:`~budget_actor.Escalation` propagates.
     On exit (normal, exception or cancellation) the actor handles what was
     already sent, then writes everything with a final patch (bounded time).
@@ -313,11 +315,11 @@ async def open_budget(
     orphans: list[SpillFile] = []
     if spill is True:
         spill_file: SpillFile | None
-        spill_file, orphans = claim(default_spill_path(store))
+        spill_file, orphans = claim(default_spill_path(store), max_cost=config.max_cost)
     elif spill is False:
         spill_file = None
     else:
-        spill_file = SpillFile(spill)
+        spill_file = SpillFile(spill, max_cost=config.max_cost)
         if not spill_file.lock():
             raise StoreError(f"spill file {spill_file.path} is in use by another budget-actor")
     limiter = trio.CapacityLimiter(1)
