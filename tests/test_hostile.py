@@ -351,6 +351,24 @@ async def test_missing_or_wrong_token_gets_401_at_the_handshake(
     await assert_up(guarded)
 
 
+async def test_an_oversized_request_head_gets_431_and_changes_nothing(guarded: Service) -> None:
+    """h11's own verdict (error_status_hint): Request Header Fields Too Large,
+    not a generic 400; garbage still gets 400; the service stays up."""
+    before = await spend_and_dispatches(guarded)
+    padding = "x" * 64 * 1024  # far over the 16 KiB head limit
+    request = upgrade_request(
+        guarded.host, guarded.port, headers=[("Authorization", f"Bearer {DISPATCHER}")]
+    )
+    big = request.replace(b"\r\n\r\n", f"\r\nX-Padding: {padding}\r\n\r\n".encode(), 1)
+    reply = await raw_http(guarded.host, guarded.port, big)
+    assert status_of(reply) == 431, reply[:200]
+    assert b"request header fields too large" in reply
+    garbage = await raw_http(guarded.host, guarded.port, b"NOT HTTP AT ALL\r\n\r\n")
+    assert status_of(garbage) == 400, garbage[:200]
+    assert await spend_and_dispatches(guarded) == before
+    await assert_up(guarded)
+
+
 async def test_a_refused_client_library_sees_401(guarded: Service) -> None:
     for headers in (None, bearer(WRONG)):
         with pytest.raises(ConnectionRejected) as refused:

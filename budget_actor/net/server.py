@@ -208,40 +208,35 @@ class _Server:
             await trio.aclose_forcefully(stream)
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
-        head = None
+        exchange = None
         with trio.move_on_after(self.options.handshake_timeout_s):
-            head = await _read_head(stream)
-        if head is None:
+            exchange = await _Exchange.read(stream)
+        if exchange is None:
             return
-        raw, request = head
+        request = exchange.request
         target = request.target.decode("latin-1").split("?", 1)[0]
-        head_only = request.method == b"HEAD"
         if _is_upgrade(request):
-            await self._upgrade(stream, raw, request, target)
+            await self._upgrade(exchange, target)
         elif request.method not in (b"GET", b"HEAD"):
-            await _respond(stream, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+            await exchange.respond(405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
         elif target == "/health":
             health = await self.budget.health()
-            code = 200 if health.ok else 503
-            await _respond(stream, code, encode(health), json=True, head_only=head_only)
+            await exchange.respond(200 if health.ok else 503, encode(health), json=True)
         elif target == "/metrics":
             accept = ", ".join(_header_values(request, b"accept"))
             health = await self.budget.health()
             body, content_type = _metrics.exposition(health, self.budget.stats, self.errors, accept)
-            kind = [(b"content-type", content_type.encode())]
-            await _respond(stream, 200, body, kind, head_only=head_only)
+            await exchange.respond(200, body, [(b"content-type", content_type.encode())])
         elif target == "/":
             # The live page; it needs no token (its WebSocket does).
-            await _respond(stream, 200, _page.PAGE, _page.HEADERS, head_only=head_only)
+            await exchange.respond(200, _page.PAGE, _page.HEADERS)
         else:
-            body = b"not found: try /ws, /health or /metrics\n"
-            await _respond(stream, 404, body, head_only=head_only)
+            await exchange.respond(404, b"not found: try /ws, /health or /metrics\n")
 
-    async def _upgrade(
-        self, stream: trio.abc.Stream, raw: bytes, request: h11.Request, target: str
-    ) -> None:
+    async def _upgrade(self, exchange: _Exchange, target: str) -> None:
+        request, stream = exchange.request, exchange.stream
         if target != WS_PATH:
-            await _respond(stream, 404, b"not found: the WebSocket is at /ws\n")
+            await exchange.respond(404, b"not found: the WebSocket is at /ws\n")
             return
         # Before the token: a page from elsewhere is refused whatever it presents.
         origins = _header_values(request, b"origin")
@@ -253,8 +248,7 @@ class _Server:
                 secure=self.options.ssl_context is not None,
             )
         ):
-            await _respond(
-                stream,
+            await exchange.respond(
                 403,
                 b"forbidden: pages from this origin may not open the WebSocket;"
                 b" the operator can allow it with --allow-origin\n",
@@ -262,8 +256,7 @@ class _Server:
             return
         role = self.options.access.role(list(request.headers), request.target)
         if role is None:
-            await _respond(
-                stream,
+            await exchange.respond(
                 401,
                 b"unauthorized: present a token as 'Authorization: Bearer TOKEN' or ?token=\n",
                 [(b"www-authenticate", b'Bearer realm="budget_actor"')],
@@ -273,10 +266,12 @@ class _Server:
         refused = self.slots.take(role, address)
         if refused is not None:
             body = f"service unavailable: {refused}; retry later\n".encode()
-            await _respond(stream, 503, body, [(b"retry-after", RETRY_AFTER_S)])
+            await exchange.respond(503, body, [(b"retry-after", RETRY_AFTER_S)])
             return
         try:
-            await self._websocket(_ReplayStream(stream, raw), role)
+            # trio-websocket (wsproto) does the handshake itself, from the
+            # bytes this exchange has already read.
+            await self._websocket(_ReplayStream(stream, exchange.raw), role)
         finally:
             self.slots.give_back(role, address)
 
@@ -351,27 +346,60 @@ def _peer_host(stream: trio.abc.Stream) -> str:
         return "?"
 
 
-async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request] | None:
-    """Read until h11 sees a whole request head; None if the peer gives up or
-    sends garbage (a 400 is sent for garbage)."""
-    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    raw = bytearray()
-    while True:
-        try:
-            event = parser.next_event()
-        except h11.RemoteProtocolError:
-            await _respond(stream, 400, b"bad request\n")
-            return None
-        if isinstance(event, h11.Request):
-            return bytes(raw), event
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(4096)
-            if not data:
+class _Exchange:
+    """One HTTP request and its response, both on the h11 connection that
+    parsed the request (h11 then frames the response as that request needs:
+    no body for HEAD, and a refusal of a WebSocket upgrade)."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, conn: h11.Connection, raw: bytes, request: h11.Request
+    ) -> None:
+        self.stream = stream
+        self.conn = conn
+        #: Every byte read so far (replayed to trio-websocket on an upgrade).
+        self.raw = raw
+        self.request = request
+
+    @classmethod
+    async def read(cls, stream: trio.abc.Stream) -> _Exchange | None:
+        """Read until h11 sees a whole request head; None if the peer gives up
+        or breaks the protocol. A broken request is answered first, with the
+        status h11 suggests for it (``error_status_hint``: 431 for a head
+        over :data:`MAX_HEAD_BYTES`, 400 for garbage)."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        raw = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                reason = HTTPStatus(status).phrase.lower().encode()
+                await _send_response(stream, conn, status, reason + b"\n")
                 return None
-            raw += data
-            parser.receive_data(bytes(data))
-        else:
-            return None
+            if isinstance(event, h11.Request):
+                return cls(stream, conn, bytes(raw), event)
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return None
+                raw += data
+                conn.receive_data(bytes(data))
+            else:
+                return None
+
+    async def respond(
+        self,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        json: bool = False,
+    ) -> None:
+        """Send the response, then the connection closes (one request each)."""
+        head_only = self.request.method == b"HEAD"
+        await _send_response(
+            self.stream, self.conn, status, body, headers, json=json, head_only=head_only
+        )
 
 
 def _header_values(request: h11.Request, name: bytes) -> list[str]:
@@ -390,8 +418,9 @@ def _is_upgrade(request: h11.Request) -> bool:
     return False
 
 
-async def _respond(
+async def _send_response(
     stream: trio.abc.Stream,
+    conn: h11.Connection,
     status: int,
     body: bytes,
     headers: list[tuple[bytes, bytes]] | None = None,
@@ -399,12 +428,7 @@ async def _respond(
     json: bool = False,
     head_only: bool = False,
 ) -> None:
-    """Send one HTTP response; for HEAD, the headers of the same response."""
-    conn = h11.Connection(h11.SERVER)
-    # h11 must have seen a request before it will write a response.
-    method = b"HEAD" if head_only else b"GET"
-    conn.receive_data(method + b" / HTTP/1.1\r\nhost: x\r\n\r\n")
-    conn.next_event()
+    """Send one response through ``conn``; for HEAD, its headers only."""
     all_headers = [
         (b"content-type", b"application/json" if json else b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
