@@ -61,7 +61,7 @@ def test_a_journal_entry_holds_the_cost_it_was_given() -> None:
 
     now = datetime(2026, 12, 1, 9, tzinfo=UTC)
     cost = make_cost("d-1", "0.25", model="m", max_cost=MAX)
-    recorded = Ledger(BudgetConfig(), now).record(now, cost)
+    recorded = Ledger(BudgetConfig(), now).record(now, cost).value
     assert recorded.entry is not None and recorded.entry.cost is cost
 
 
