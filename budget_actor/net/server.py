@@ -27,6 +27,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 import msgspec
@@ -44,6 +45,7 @@ from ..core.access import (
     may,
 )
 from ..core.cost import Cost
+from ..core.history import parse_days
 from ..core.wire import Ack as AckMessage
 from ..core.wire import (
     AdmitRequest,
@@ -58,6 +60,7 @@ from ..core.wire import (
 from ..runtime.fanout import Published, Subscription
 from ..runtime.messages import CostReceipt, ServiceStopped
 from ..runtime.service import Budget
+from ..stores.store import StoreError
 from . import metrics as _metrics
 from . import page as _page
 
@@ -227,11 +230,41 @@ class _Server:
             health = await self.budget.health()
             body, content_type = _metrics.exposition(health, self.budget.stats, self.errors, accept)
             await exchange.respond(200, body, [(b"content-type", content_type.encode())])
+        elif target == "/history":
+            await self._history(exchange)
         elif target == "/":
             # The live page; it needs no token (its WebSocket does).
             await exchange.respond(200, _page.PAGE, _page.HEADERS)
         else:
-            await exchange.respond(404, b"not found: try /ws, /health or /metrics\n")
+            await exchange.respond(404, b"not found: try /ws, /health, /metrics or /history\n")
+
+    async def _history(self, exchange: _Exchange) -> None:
+        """``GET /history?days=N``: observer role when tokens are set."""
+        request = exchange.request
+        if self.options.access.role(list(request.headers), request.target) is None:
+            await exchange.respond(
+                401,
+                b"unauthorized: present a token as 'Authorization: Bearer TOKEN' or ?token=\n",
+                [(b"www-authenticate", b'Bearer realm="budget_actor"')],
+            )
+            return
+        query = urlsplit(request.target.decode("latin-1")).query
+        try:
+            days = parse_days(parse_qs(query, keep_blank_values=True).get("days"))
+        except ValueError as exc:
+            await exchange.respond(400, f"bad request: {exc}\n".encode())
+            return
+        try:
+            history = await self.budget.history(days)
+        except StoreError as exc:
+            log.warning("history unavailable: %s", exc)
+            await exchange.respond(
+                503,
+                b"history unavailable: the database cannot be read\n",
+                [(b"retry-after", b"5")],
+            )
+            return
+        await exchange.respond(200, history.json(), json=True)
 
     async def _upgrade(self, exchange: _Exchange, target: str) -> None:
         request, stream = exchange.request, exchange.stream

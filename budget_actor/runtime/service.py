@@ -27,6 +27,7 @@ import trio
 
 from ..core.config import BudgetConfig
 from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
+from ..core.history import DEFAULT_DAYS, MAX_DAYS, History
 from ..core.views import Admission, Health, Update
 from ..core.webhook import parse_webhook_url, target_of
 from ..stores.open import open_store
@@ -34,6 +35,7 @@ from ..stores.spill import SpillFile, claim
 from ..stores.store import Store, StoreError
 from .actor import BudgetActor, drain_spill, run_supervised
 from .fanout import Published, Subscription
+from .history import HistoryReader
 from .messages import (
     Admit,
     ChildFailed,
@@ -88,11 +90,13 @@ class Budget:
         store_kind: str,
         outbox: trio.MemorySendChannel[Message],
         stats: ServiceStats | None = None,
+        history: HistoryReader | None = None,
     ) -> None:
         self.config = config
         self.store_kind = store_kind
         #: Histograms and counters gathered where they happen (for /metrics).
         self.stats = stats or ServiceStats()
+        self._history = history
         self._outbox = outbox
         # send_cost calls since its last checkpoint.
         self._unyielded = 0
@@ -215,6 +219,20 @@ class Budget:
             # The webhook child keeps this figure; the actor never sees it.
             health = msgspec.structs.replace(health, webhooks_pending=webhooks.pending)
         return health
+
+    async def history(self, days: int = DEFAULT_DAYS) -> History:
+        """The last ``days`` days (1 to 366), oldest first and today last,
+        with today's cumulative spend once a minute from the journal.
+
+        Raises ``ValueError`` for a bad ``days``, ``StoreError`` when the
+        store cannot be read, :class:`ServiceStopped` after shutdown. Reads
+        on a connection of its own: the persister never waits for it.
+        """
+        if not 1 <= days <= MAX_DAYS:
+            raise ValueError(f"`days` must be an integer from 1 to {MAX_DAYS}")
+        if self._history is None:
+            raise ServiceStopped("this budget handle has no history reader")
+        return await self._history.read(days, await self.health())
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[AsyncIterator[Update]]:
@@ -369,6 +387,8 @@ async def open_budget(
         # delivery short. It stops when the service stops.
         webhooks_scope = trio.CancelScope()
         companion = store.companion() if stats.webhooks is not None else None
+        # Its connection opens at the first GET /history.
+        history = HistoryReader(store.companion(), config)
 
         async def deliver_webhooks(sender: WebhookSender) -> None:
             with webhooks_scope:
@@ -377,7 +397,7 @@ async def open_budget(
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(run_supervised, make_actor, inbox, restart_policy)
-                budget = Budget(config, store.kind, outbox, stats)
+                budget = Budget(config, store.kind, outbox, stats, history)
                 if companion is not None and stats.webhooks is not None:
                     sender = WebhookSender(
                         companion,
@@ -395,8 +415,9 @@ async def open_budget(
                     with trio.CancelScope(shield=True):
                         await budget.stop()
         finally:
-            if companion is not None:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(history.close)
+                if companion is not None:
                     await trio.to_thread.run_sync(companion.close)
     finally:
         with trio.CancelScope(shield=True):

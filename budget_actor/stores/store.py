@@ -31,6 +31,7 @@ import msgspec
 
 from ..core.audit import ShareCheck
 from ..core.cost import Cost
+from ..core.history import Curve, DayTotal
 from ..core.money import add
 from ..core.records import (
     NUDGE_TYPE,
@@ -372,6 +373,88 @@ class Store(ABC):
                 claimed.append(Delivery(str(target), str(name), str(body).encode(), attempts + 1))
         wait = None if next_due is None else max((next_due - now).total_seconds(), 0.0)
         return DueDeliveries(claimed=claimed, pending=len(rows), next_due_s=wait)
+
+    # -- history (GET /history) ----------------------------------------------
+
+    def day_totals(self, first: str, last: str) -> dict[str, DayTotal]:
+        """Spend, dispatches and cap of each day from ``first`` to ``last``
+        that has journal rows or a budget patch: spend and dispatches from
+        the journal (the patch's for a day without rows), the cap from the
+        patch (None without one). Raises :class:`StoreError`."""
+        result: dict[str, DayTotal] = self._run(lambda cur: self._day_totals(cur, first, last))
+        return result
+
+    def fold_curve(self, curve: Curve) -> None:
+        """Bring ``curve`` up to date with the journal of its day (only the
+        rows after ``curve.through_seq``). Raises :class:`StoreError`."""
+        self._run(lambda cur: self._fold_curve(cur, curve))
+
+    def _day_totals(self, cur: Any, first: str, last: str) -> dict[str, DayTotal]:
+        p = self._P
+        cur.execute(
+            f"SELECT name, body FROM quilt_patches WHERE type = {p} AND name >= {p}"
+            f" AND name <= {p}",
+            (PATCH_TYPE, f"budget_{first}", f"budget_{last}"),
+        )
+        patches: dict[str, Snapshot] = {}
+        for name, body in cur.fetchall():
+            try:
+                snap = Snapshot.from_body(self._read_body(body))
+            except (KeyError, TypeError, ValueError, ArithmeticError):
+                continue  # not one of ours; never trust it
+            if name == snap.patch_name:
+                patches[snap.day] = snap
+        sums = self._journal_sums(cur, first, last, patches)
+        totals: dict[str, DayTotal] = {}
+        for day in sorted(patches.keys() | sums.keys()):
+            patch = patches.get(day)
+            if day in sums:
+                spend, dispatches = sums[day]
+            else:
+                # A patch but no journal rows (an older version, or a
+                # pruned journal): the patch is all there is.
+                assert patch is not None
+                spend, dispatches = patch.daily_spend, patch.dispatches
+            totals[day] = DayTotal(spend, dispatches, patch.daily_cap if patch else None)
+        return totals
+
+    def _journal_sums(
+        self, cur: Any, first: str, last: str, patches: dict[str, Snapshot]
+    ) -> dict[str, tuple[Decimal, int]]:
+        """Exact spend and count per day of the journal. Amounts are text
+        here (no exact SUM in SQL), so a day whose patch already holds every
+        row (same count, no later seq) takes the patch's exact sum, and only
+        the others are summed row by row."""
+        p = self._P
+        cur.execute(
+            f"SELECT day, count(*), max(seq) FROM budget_journal WHERE day >= {p}"
+            f" AND day <= {p} GROUP BY day",
+            (first, last),
+        )
+        sums: dict[str, tuple[Decimal, int]] = {}
+        for day, count, max_seq in cur.fetchall():
+            patch = patches.get(day)
+            if patch is not None and patch.dispatches == count and patch.seq >= max_seq:
+                sums[day] = (patch.daily_spend, int(count))
+                continue
+            cur.execute(f"SELECT usd FROM budget_journal WHERE day = {p}", (day,))
+            total = Decimal(0)
+            for (usd,) in cur.fetchall():
+                total = add(total, Decimal(str(usd)))
+            sums[day] = (total, int(count))
+        return sums
+
+    def _fold_curve(self, cur: Any, curve: Curve) -> None:
+        p = self._P
+        cur.execute(
+            f"SELECT seq, recorded_at, usd FROM budget_journal WHERE day = {p} AND seq > {p}"
+            " ORDER BY seq",
+            (curve.day, curve.through_seq),
+        )
+        rows = cur.fetchall()
+        curve.add((self._read_time(at), Decimal(str(usd))) for _, at, usd in rows)
+        if rows:
+            curve.through_seq = int(rows[-1][0])
 
     # -- internals -----------------------------------------------------------
 

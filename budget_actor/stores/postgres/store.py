@@ -8,7 +8,8 @@ little else; the SQL lives beside it, by concern:
   sum of the shares, the guarded nudge, restore of this instance's share;
 * :mod:`.shares`: the other instances' totals;
 * :mod:`.admission`: admissions against the global cap;
-* :mod:`.audit`: the share checks of ``verify``.
+* :mod:`.audit`: the share checks of ``verify``;
+* :mod:`.history`: day totals and today's minutes for ``GET /history``.
 
 psycopg's synchronous API is used (from worker threads): its async API is
 asyncio-only.
@@ -27,10 +28,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ...core.audit import ShareCheck
+from ...core.history import Curve
 from ...core.records import PATCH_TYPE, Alert, Others, Restored, Snapshot, WriteResult
 from ...core.views import Admission
 from ..store import JournalBatch, Store
-from . import admission, audit, connection, journal, shares
+from . import admission, audit, connection, history, journal, shares
 
 
 class PostgresStore(Store):
@@ -171,6 +173,14 @@ class PostgresStore(Store):
 
     def _max_seq(self, cur: Any) -> int:
         return journal.max_seq(cur)
+
+    def _journal_sums(
+        self, cur: Any, first: str, last: str, patches: dict[str, Snapshot]
+    ) -> dict[str, tuple[Decimal, int]]:
+        return history.journal_sums(cur, first, last)
+
+    def _fold_curve(self, cur: Any, curve: Curve) -> None:
+        history.fold_curve(cur, curve)
 
     def _time_param(self, moment: datetime) -> Any:
         return moment
