@@ -1,9 +1,12 @@
 """The live page at ``GET /``: one self-contained HTML file (``page.html``).
 
 Inline CSS and JavaScript, no build step, nothing fetched from anywhere but
-the service's own WebSocket (``ws(s)://HOST/ws``, with the page's own
-``?token=`` passed on, so an observer token in the page's address works).
-The page itself needs no token; its WebSocket does when tokens are set.
+the service itself: ``GET /history`` (today's curve from midnight and the
+last 30 days, refreshed every minute) and its WebSocket
+(``ws(s)://HOST/ws``, for the live updates), both with the page's own
+``?token=`` passed on, so an observer token in the page's address works.
+The page itself needs no token; its WebSocket and ``/history`` do when
+tokens are set.
 """
 
 from __future__ import annotations
