@@ -10,6 +10,7 @@ recorded, whatever the mode.
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,9 +44,18 @@ class Receiver:
     def url(self, path: str = "/hooks/T000/B000/secret-token?channel=budget") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
+    async def run(
+        self,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled (HTTPS with ``ssl_context``)."""
+        tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = tcp[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp)
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)
 
@@ -62,7 +72,7 @@ class Receiver:
             f" {[(r.target, r.status) for r in self.requests]}"
         )
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER)
         request: Request | None = None
         body = b""

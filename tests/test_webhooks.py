@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import trio
@@ -25,12 +27,15 @@ from budget_actor.core.webhook import (
     target_of,
     text,
 )
-from budget_actor.runtime.webhooks import WebhookPolicy
+from budget_actor.runtime.webhooks import WebhookPolicy, post
 from budget_actor.stores.store import Store
 
 from ._client import Launcher, connect, http_get, run_cli
 from ._helpers import eventually, rows
+from ._proxy import CuttableProxy
+from ._proxy import target_of as target_of_url
 from ._receiver import Receiver
+from .test_hostile import self_signed
 
 T0 = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 DAY = "2026-12-01"
@@ -104,6 +109,28 @@ def test_webhook_urls_are_checked_and_never_shown_whole() -> None:
 def test_retries_back_off_to_a_ceiling() -> None:
     assert [retry_delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
     assert retry_delay(30) == 300.0
+
+
+async def test_https_webhooks_verify_the_receivers_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    receiver = Receiver(mode="ok")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run, server)
+        hook = parse_webhook_url(f"https://127.0.0.1:{receiver.port}/tls?k=v")
+        trusting = ssl.create_default_context(cafile=str(cert))
+        with trio.fail_after(10):
+            status = await post(hook, b'{"text":"hi"}', [("Idempotency-Key", "k-1")], trusting)
+        assert status == 200
+        assert receiver.requests[0].target == "/tls?k=v"
+        assert receiver.requests[0].headers["host"] == f"127.0.0.1:{receiver.port}"
+        # The system's CAs do not know this certificate: refused, not sent.
+        with pytest.raises(trio.BrokenResourceError) as refused, trio.fail_after(10):
+            await post(hook, b"{}", [])
+        assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+        assert len(receiver.requests) == 1
+        nursery.cancel_scope.cancel()
 
 
 # -- the store ---------------------------------------------------------------------
@@ -301,6 +328,40 @@ async def test_instances_sharing_a_budget_deliver_each_alert_once(pg_url: str) -
             await trio.sleep(0.5)  # ten polls of each: no second delivery
         nursery.cancel_scope.cancel()
     assert len(receiver.requests) == 1, receiver.requests
+
+
+async def test_deliveries_wait_out_a_database_outage(pg_url: str, tmp_path: Path) -> None:
+    receiver = Receiver(mode="fail")
+    proxy = CuttableProxy(*target_of_url(pg_url))
+    config = make_config(daily_cap="1.00", alert_at="0.5")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run)
+        await nursery.start(proxy.run)
+        async with open_budget(
+            config,
+            database=proxy.url_for(pg_url),
+            spill=tmp_path / "o.spill",
+            webhooks=[receiver.url()],
+            webhook_policy=FAST,
+        ) as budget:
+            await budget.record("o-1", "0.6")
+            await receiver.wait_for(lambda: receiver.answered(500), what="a failed attempt")
+            proxy.cut()
+            receiver.mode = "ok"
+            await budget.record("o-2", "0.1")  # acknowledged from the spill file
+            tried = len(receiver.requests)
+            await trio.sleep(0.5)  # ten polls: no claim without the store, no send
+            assert len(receiver.requests) <= tried + 1  # (one claimed before the cut)
+            assert (await budget.health()).webhooks_pending == 1
+            proxy.restore()
+            await receiver.wait_for(lambda: receiver.answered(200), what="the delivery")
+
+            async def delivered() -> bool:
+                return (await budget.health()).webhooks_pending == 0
+
+            await eventually(delivered)
+        nursery.cancel_scope.cancel()
+    assert rows(pg_url, "SELECT count(*) FROM budget_webhooks WHERE delivered_at IS NULL") == [(0,)]
 
 
 async def test_no_webhooks_no_field_and_no_rows(sqlite_url: str) -> None:

@@ -138,6 +138,12 @@ async def post(
         await trio.aclose_forcefully(stream)
 
 
+def _describe(exc: BaseException) -> str:
+    """One line about a failed attempt (never the URL: errors name hosts)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class WebhookSender:
     """Delivers the stored alert webhooks to ``webhooks``; run it supervised.
 
@@ -234,6 +240,9 @@ class WebhookSender:
         """One attempt; its outcome goes to the main loop, which records it."""
         webhook = self._by_target[delivery.target]
         where = redacted(webhook)
+        if webhook.tls and self._ssl is None:
+            # Once: loading the system's CA certificates takes a moment.
+            self._ssl = ssl.create_default_context()
         policy = self.policy
         error: str | None = None
         try:
@@ -246,8 +255,10 @@ class WebhookSender:
         except trio.TooSlowError:
             error = f"no answer within {policy.attempt_timeout_s:g}s"
         except (OSError, trio.BrokenResourceError, WebhookError, h11.ProtocolError) as exc:
-            # (ssl.SSLError is an OSError.)
-            error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if str(exc) else repr(exc)
+            # trio reports a TLS failure (a certificate that does not verify)
+            # as BrokenResourceError caused by the ssl.SSLError: name the cause.
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else None
+            error = _describe(cause or exc)
         finally:
             self._in_flight -= 1
         if error is None:
