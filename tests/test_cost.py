@@ -90,3 +90,15 @@ def test_the_spill_file_reads_entries_that_earlier_versions_wrote_flat(tmp_path:
         JournalEntry(seq=7, day="2026-12-01", at=at, cost=Cost("old-1", Decimal("0.125"), "m", 10)),
         new,
     ]
+
+
+def test_a_cost_read_back_is_judged_by_the_same_rules() -> None:
+    from budget_actor.core.cost import validate
+
+    good = make_cost("d-1", "0.5", model="m", max_cost=MAX)
+    assert validate(good, max_cost=MAX) == good
+    for bad in (Cost("d-1", Decimal("-1")), Cost("", Decimal(1)), Cost("d\n", Decimal(1))):
+        with pytest.raises(InvalidCost):
+            validate(bad, max_cost=MAX)
+    with pytest.raises(InvalidCost, match="maximum"):
+        validate(good, max_cost=Decimal("0.1"))

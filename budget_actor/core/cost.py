@@ -100,6 +100,12 @@ def make_cost(
     )
 
 
+def validate(cost: Cost, *, max_cost: Decimal) -> Cost:
+    """A :class:`Cost` read back from somewhere it could have been altered (a
+    spill file), judged by the same rules as :func:`make_cost`."""
+    return make_cost(*msgspec.structs.astuple(cost), max_cost=max_cost)
+
+
 def check_dispatch_id(value: object) -> str:
     """A dispatch id: a non-empty, printable string of at most
     :data:`MAX_ID_CHARS`. Raises :class:`InvalidCost` (``invalid_message``)."""

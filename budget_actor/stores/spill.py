@@ -48,7 +48,7 @@ from pathlib import Path
 
 import msgspec
 
-from ..core.cost import InvalidCost, make_cost
+from ..core.cost import InvalidCost, validate
 from ..core.money import DEFAULT_MAX_COST
 from ..core.records import JournalEntry
 from .store import StoreError
@@ -132,15 +132,7 @@ def _check(entry: JournalEntry, max_cost: Decimal) -> JournalEntry:
     naming the field at fault (never its value)."""
     cost = entry.cost
     try:
-        checked = make_cost(
-            cost.dispatch_id,
-            cost.usd,
-            cost.model,
-            cost.input_tokens,
-            cost.output_tokens,
-            cost.agent,
-            max_cost=max_cost,
-        )
+        checked = validate(cost, max_cost=max_cost)
     except InvalidCost as exc:
         raise ValueError(exc.detail.split(":", 1)[0].split(" ", 1)[0]) from None
     if entry.seq < 1:
