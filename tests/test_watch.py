@@ -320,9 +320,14 @@ async def test_watch_with_an_observer_token(launcher: Launcher, sqlite_url: str)
     service = await _serve(
         launcher,
         sqlite_url,
-        env={"BUDGET_DISPATCHER_TOKEN": "d-secret", "BUDGET_OBSERVER_TOKEN": "o-secret"},
+        env={
+            "BUDGET_DISPATCHER_TOKEN": "d-secret-0123456789",
+            "BUDGET_OBSERVER_TOKEN": "o-secret-0123456789",
+        },
     )
-    ok = await run_cli("watch", "--once", "--url", service.ws_url, env={"BUDGET_TOKEN": "o-secret"})
+    ok = await run_cli(
+        "watch", "--once", "--url", service.ws_url, env={"BUDGET_TOKEN": "o-secret-0123456789"}
+    )
     assert ok.code == 0, ok.stderr
     refused = await run_cli("watch", "--once", "--url", service.ws_url)
     assert refused.code == 2

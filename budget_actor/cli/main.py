@@ -26,7 +26,9 @@ from ..core.access import (
     DEFAULT_DISPATCHER_SLOTS,
     DEFAULT_MAX_PER_ADDRESS,
     Access,
+    TokenError,
     canonical_origin,
+    check_tokens,
     is_loopback,
 )
 from ..core.config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
@@ -34,6 +36,7 @@ from ..core.webhook import parse_webhook_url
 from ..net.server import ServerOptions, serve
 from ..runtime.service import open_budget
 from ..runtime.supervisor import Escalation
+from ..stores.open import BadDatabaseURL, check_database_url
 from ..stores.spill import UnsafeFile
 from ..stores.store import StoreError
 
@@ -241,6 +244,10 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         )
     if args.ping_interval <= 0:
         raise ConfigError("`ping-interval` must be greater than 0")
+    try:
+        check_tokens(args.dispatcher_token, args.observer_token)
+    except TokenError as exc:
+        raise ConfigError(str(exc)) from None
     access = Access(
         dispatcher_token=args.dispatcher_token or None,
         observer_token=args.observer_token or None,
@@ -363,12 +370,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.log_level not in LOG_LEVELS:
         return _fail(f"`log-level` must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     configure(args.log_level, args.log_format)
+    # Every file the service creates (database, lock, spill and quarantine
+    # files) holds the journal in clear: readable by this user only.
+    os.umask(0o077)
     try:
         config = _config(args)
         options = _server_options(args)
         instance = _instance_id(args.instance_id)
         webhooks = _webhooks(args.alert_webhook)
-    except ConfigError as exc:
+        check_database_url(args.database)
+    except (ConfigError, BadDatabaseURL) as exc:
         return _fail(str(exc))
     if not 0 <= args.port <= 65535:
         return _fail(f"`port` must be in 0..65535, got {args.port}")
@@ -463,6 +474,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from ..core.records import Snapshot
     from ..stores.open import open_store
 
+    try:
+        check_database_url(args.database)
+    except BadDatabaseURL as exc:
+        return _fail(str(exc))
     try:
         zone = ZoneInfo(args.timezone)
     except Exception:
@@ -592,6 +607,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from ..stores.open import open_store
     from . import report as _report
 
+    try:
+        check_database_url(args.database)
+    except BadDatabaseURL as exc:
+        return _fail(str(exc))
     try:
         zone = ZoneInfo(args.timezone)
     except Exception:

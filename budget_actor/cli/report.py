@@ -200,11 +200,42 @@ def to_json(report: Report) -> str:
     return json.dumps(body, indent=2)
 
 
+# A spreadsheet takes a cell that starts with one of these as a formula
+# (CSV injection): `=HYPERLINK(...)` in a model name would run when the report
+# is opened. Such a cell gets a leading apostrophe, which spreadsheets show
+# as text and do not evaluate (OWASP's advice).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+class _SafeWriter:
+    """A csv writer whose text cells cannot start a formula, and whose rows
+    end in ``\n`` while a cell holding a bare ``\r`` is still quoted (the
+    csv module quotes only the characters of its own line terminator)."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self._out = out
+        self._row = io.StringIO()
+        self._writer = csv.writer(self._row, lineterminator="\r\n")
+
+    def writerow(self, row: Sequence[object]) -> None:
+        self._row.seek(0)
+        self._row.truncate()
+        self._writer.writerow([_cell(value) for value in row])
+        self._out.write(self._row.getvalue().removesuffix("\r\n") + "\n")
+
+
 def to_csv(report: Report) -> str:
     """Without ``by``: one row per day. With it: one row per day and model (or
-    agent), so that summing a column gives the totals."""
+    agent), so that summing a column gives the totals. A text cell that a
+    spreadsheet would take for a formula is prefixed with ``'``."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = _SafeWriter(out)
     if report.by is None:
         writer.writerow(
             ["day", "daily_spend", "daily_cap", "cap_from", "utilization", "dispatches"]

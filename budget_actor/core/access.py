@@ -26,6 +26,13 @@ import msgspec
 Role = Literal["dispatcher", "observer"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# A token is the only thing between the network and the power to spend.
+# 16 characters of a random URL-safe string carry 96 bits, beyond guessing at
+# any rate the service answers; anything shorter is a word someone chose.
+MIN_TOKEN_CHARS = 16
+# A token travels in a request head of at most 16 KiB; a longer one could
+# never be presented.
+MAX_TOKEN_CHARS = 1024
 
 
 class Access(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,6 +90,42 @@ class Access(msgspec.Struct, frozen=True, kw_only=True):
         if as_observer:
             return "observer"
         return None
+
+
+class TokenError(ValueError):
+    """A configured token is unusable; the message names the option, never the value."""
+
+
+def check_tokens(dispatcher: str | None, observer: str | None) -> None:
+    """Refuse tokens that would be weak or ambiguous (:class:`TokenError`).
+
+    Each given token (None or "" is "not set") must be 16 to 1024 visible
+    ASCII characters: no spaces, which a blank token is made of, and nothing
+    a request head cannot carry. The two must differ, or every observer
+    would be a dispatcher.
+    """
+    for option, token in (("dispatcher-token", dispatcher), ("observer-token", observer)):
+        if not token:
+            continue
+        if not token.strip():
+            raise TokenError(f"`{option}` is blank")
+        if not all("!" <= c <= "~" for c in token):
+            raise TokenError(
+                f"`{option}` may hold only visible ASCII characters (no spaces or"
+                " control characters); generate one with"
+                ' python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        if not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS:
+            raise TokenError(
+                f"`{option}` must be {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} characters, got"
+                f" {len(token)}; generate one with"
+                ' python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+    if dispatcher and observer and hmac.compare_digest(dispatcher, observer):
+        raise TokenError(
+            "`dispatcher-token` and `observer-token` are the same: every observer would be"
+            " a dispatcher; give them different values"
+        )
 
 
 def canonical_origin(text: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
@@ -37,6 +38,12 @@ _SCHEMA = (
 )
 
 
+def _private(path: str, flags: int) -> int:
+    """Open (creating it readable by this user only if missing): the
+    journal is in clear in these files."""
+    return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 class SqliteStore(Store):
     """A SQLite file in WAL mode with ``synchronous=FULL``.
 
@@ -67,9 +74,14 @@ class SqliteStore(Store):
         if create and self._lock is None:
             lock_path = self.path + ".lock"
             try:
-                handle = open(lock_path, "ab")
+                handle = open(lock_path, "ab", opener=_private)
+                # Created here, not by SQLite, so that it is private (0600)
+                # whatever the process's umask; SQLite gives its -wal and
+                # -shm files the database file's permissions.
+                os.close(_private(self.path, os.O_WRONLY | os.O_APPEND))
             except OSError as exc:
-                raise StoreError(f"sqlite: cannot create {lock_path}: {exc.strerror}") from exc
+                where = exc.filename or lock_path
+                raise StoreError(f"sqlite: cannot create {where}: {exc.strerror}") from exc
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

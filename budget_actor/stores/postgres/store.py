@@ -18,8 +18,7 @@ asyncio-only.
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
+import secrets
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -82,7 +81,13 @@ class PostgresStore(Store):
         # Host, port and database only: rotating a password or changing a
         # connection option must not orphan a spill file of acknowledged costs.
         parts = urlsplit(self.url)
-        where = f"{parts.hostname}:{parts.port}{parts.path}?{_search_path(parts.query)}"
+        try:
+            host = f"{parts.hostname}:{parts.port}"
+        except ValueError:
+            # Several hosts ("h1:5432,h2:5432"), which urlsplit cannot
+            # parse; single-host URLs keep the name earlier versions gave.
+            host = parts.netloc.rpartition("@")[2].lower()
+        where = f"{host}{parts.path}?{_search_path(parts.query)}"
         digest = hashlib.sha256(where.encode()).hexdigest()[:12]
         return Path(f"budget-{digest}.spill")
 
@@ -201,6 +206,9 @@ def _search_path(query: str) -> str:
 
 
 def default_instance_id() -> str:
-    """Host name and process id: unique among live processes, and a restarted
-    process gets a new id (its predecessor's share stays, counted once)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """A random id (``auto-`` and 16 hex digits): unique among live processes
+    (64 random bits), and a restarted process gets a new one (its
+    predecessor's share stays, counted once). Random rather than host name
+    and process id, because the id is shown to anyone who can read
+    ``/health``, and a host name tells an attacker where the service runs."""
+    return f"auto-{secrets.token_hex(8)}"
