@@ -20,6 +20,7 @@ from budget_actor import make_config, open_budget, open_store
 from budget_actor.core.cost import Cost
 from budget_actor.core.records import Alert, JournalEntry
 from budget_actor.core.webhook import (
+    WebhookUrl,
     body,
     parse_webhook_url,
     redacted,
@@ -27,7 +28,8 @@ from budget_actor.core.webhook import (
     target_of,
     text,
 )
-from budget_actor.runtime.webhooks import WebhookPolicy, post
+from budget_actor.runtime.stats import WebhookStats
+from budget_actor.runtime.webhooks import WebhookPolicy, WebhookSender, post
 from budget_actor.stores.store import Store
 
 from ._client import Launcher, connect, http_get, run_cli
@@ -436,3 +438,64 @@ async def test_the_webhook_option_is_checked(sqlite_url: str) -> None:
         "serve", "--database", sqlite_url, env={"BUDGET_ALERT_WEBHOOK": "http://ok/a, nope"}
     )
     assert env.code == 2 and "`alert-webhook`" in env.stderr and "nope" not in env.stderr
+
+
+async def test_a_url_that_h11_cannot_send_as_given_is_delivered_not_a_crash(
+    sqlite_url: str,
+) -> None:
+    # A non-ASCII path (and host) is legal in a URL as people write it; h11
+    # and the resolver take ASCII only. It is sent percent-encoded (the
+    # host in IDNA), never left to crash the webhook child until the
+    # service escalates.
+    assert parse_webhook_url("http://Bücher.example/hook").host == "xn--bcher-kva.example"
+    receiver = Receiver(mode="ok")
+    config = make_config(daily_cap="1.00", alert_at="0.5")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run)
+        async with open_budget(
+            config, database=sqlite_url, webhooks=[receiver.url("/hook/ü?q=é")], webhook_policy=FAST
+        ) as budget:
+            await budget.record("u-1", "0.9")
+            await receiver.wait_for(lambda: receiver.answered(200), what="the delivery")
+
+            async def delivered() -> bool:
+                return (await budget.health()).webhooks_pending == 0
+
+            await eventually(delivered)
+            assert budget.stats.webhooks is not None and budget.stats.webhooks.failures == 0
+        nursery.cancel_scope.cancel()
+    assert [r.target for r in receiver.requests] == ["/hook/%C3%BC?q=%C3%A9"]
+
+
+def test_a_host_that_is_no_domain_name_is_refused_at_once() -> None:
+    # The resolver would raise UnicodeError for it at the first alert.
+    for bad in ("http://a..b/x", f"https://{'x' * 64}.example/x"):
+        with pytest.raises(ValueError, match="host"):
+            parse_webhook_url(bad)
+
+
+async def test_an_attempt_that_raises_is_a_failed_attempt_not_a_crash(sqlite_url: str) -> None:
+    # Whatever an attempt raises (here the resolver's UnicodeError for a URL
+    # that was never checked) is retried like a refused connection; the
+    # webhook child does not fail, so the service never escalates for it.
+    hook = WebhookUrl(url="http://a..b/x", tls=False, host="a..b", port=80, target="/x")
+    store = open_store(sqlite_url)
+    store.webhook_targets = (target_of(hook.url),)
+    store.open()
+    try:
+        _crossed(store)
+    finally:
+        store.close()
+    companion = open_store(sqlite_url)
+    stats = WebhookStats()
+    sender = WebhookSender(
+        companion, [hook], owner="me", clock=lambda: datetime.now(UTC), stats=stats, policy=FAST
+    )
+    try:
+        with trio.move_on_after(1):
+            await sender.run()
+    finally:
+        companion.close()
+    assert stats.failures >= 2 and stats.delivered == 0
+    found = rows(sqlite_url, "SELECT last_error, delivered_at FROM budget_webhooks")
+    assert found[0][0].startswith("UnicodeError") and found[0][1] is None

@@ -14,7 +14,8 @@ channel), so it is never stored or logged: the store keeps a digest of it
 from __future__ import annotations
 
 import hashlib
-from urllib.parse import urlsplit
+import ipaddress
+from urllib.parse import quote, urlsplit
 
 import msgspec
 
@@ -26,6 +27,11 @@ from .records import Alert
 # is found within minutes.
 RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 300.0
+
+# Left as they are in a request target: printable ASCII. Anything else (a
+# non-ASCII path, as people write URLs) is sent percent-encoded as UTF-8,
+# as browsers do; h11 refuses to send it raw.
+_TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 class WebhookUrl(msgspec.Struct, frozen=True):
@@ -68,10 +74,26 @@ def parse_webhook_url(url: str) -> WebhookUrl:
     return WebhookUrl(
         url=text,
         tls=tls,
-        host=parts.hostname,
+        host=_ascii_host(parts.hostname),
         port=port if port is not None else (443 if tls else 80),
-        target=target,
+        target=quote(target, safe=_TARGET_SAFE),
     )
+
+
+def _ascii_host(host: str) -> str:
+    """``host`` as the resolver and the ``Host`` header take it: an IP
+    address as it is, a domain name in IDNA (``xn--…``). Raises
+    ``ValueError`` for a name that is none (an empty or over-long label),
+    which the resolver would otherwise refuse only at the first alert."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("has a host that is not a valid domain name") from None
 
 
 def target_of(url: str) -> str:

@@ -254,7 +254,12 @@ class WebhookSender:
                 error = f"HTTP {status}"
         except trio.TooSlowError:
             error = f"no answer within {policy.attempt_timeout_s:g}s"
-        except (OSError, trio.BrokenResourceError, WebhookError, h11.ProtocolError) as exc:
+        except Exception as exc:
+            # Whatever an attempt raises is this attempt's failure, retried
+            # like a refused connection (OSError, TLS, h11's errors, and also
+            # the resolver's UnicodeError for a name it cannot encode): a
+            # delivery must never fail this child, whose restarts would
+            # escalate and stop the whole budget service.
             # trio reports a TLS failure (a certificate that does not verify)
             # as BrokenResourceError caused by the ssl.SSLError: name the cause.
             cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else None
