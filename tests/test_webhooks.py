@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -201,6 +203,75 @@ def test_a_dead_claimers_deliveries_are_released_to_its_successor(store: Store) 
     assert store.webhooks_release("me", T0 + timedelta(seconds=1)) == 2
     again = store.webhooks_due(["t-one", "t-two"], T0 + timedelta(seconds=1), "me", 60, 10)
     assert sorted(d.attempts for d in again.claimed) == [2, 2]
+
+
+class _Interleaving:
+    """A SQLite connection whose cursor lets ``between`` run right after the
+    claim's SELECT of the deliveries, before its UPDATE (as the persister's
+    commit does, under load, at any moment)."""
+
+    def __init__(self, conn: Any, between: Callable[[], None]) -> None:
+        self.conn, self.between = conn, between
+
+    def cursor(self) -> Any:
+        return _InterleavingCursor(self.conn.cursor(), self.between)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _InterleavingCursor:
+    def __init__(self, cur: Any, between: Callable[[], None]) -> None:
+        self.cur, self.between = cur, between
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        self.cur.execute(sql, params)
+        if sql.startswith("SELECT target, name, body"):
+            self.between()
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cur, name)
+
+
+def test_a_sqlite_claim_is_not_refused_by_a_commit_between_its_read_and_write(
+    sqlite_url: str,
+) -> None:
+    # In WAL mode a transaction that read and then wants to write fails at
+    # once ("database is locked", no busy wait) if another connection
+    # committed in between; the claim must take the write lock first.
+    path = sqlite_url.removeprefix("sqlite:///")
+    main = open_store(sqlite_url)
+    main.webhook_targets = ("t-one",)
+    main.open()
+    outcomes: list[str] = []
+
+    def persister_commits() -> None:
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute(
+                "INSERT INTO quilt_patches VALUES ('budget', ?, '{}', 'x', 'x')",
+                (str(len(outcomes)),),
+            )
+            outcomes.append("committed")
+        except sqlite3.OperationalError:
+            outcomes.append("waits for the claim")  # (the real one waits up to 5 s)
+        finally:
+            other.close()
+
+    try:
+        _crossed(main)
+        claimer = main.companion()
+        connect = claimer._connect
+        claimer._connect = lambda: _Interleaving(connect(), persister_commits)  # type: ignore[method-assign]
+        try:
+            due = claimer.webhooks_due(["t-one"], T0, "me", 60, 10)
+        finally:
+            claimer.close()
+    finally:
+        main.close()
+    assert [d.name for d in due.claimed] == [f"budget_alert_{DAY}_80"]
+    assert outcomes == ["waits for the claim"]
 
 
 # -- the service, in process ---------------------------------------------------------

@@ -54,6 +54,11 @@ class SqliteStore(Store):
 
     kind = "sqlite"
     _P = "?"
+    # The webhook claim reads the deliveries, then updates them. In WAL mode
+    # a transaction that has read cannot start writing once another
+    # connection (the persister) has committed since: SQLite refuses at once,
+    # without waiting. Taking the write lock first makes it wait its turn.
+    _BEGIN_CLAIM = "BEGIN IMMEDIATE"
 
     def __init__(self, path: str) -> None:
         super().__init__()

@@ -103,6 +103,9 @@ class Store(ABC):
     instance: str | None = None
     #: How a transaction starts.
     _BEGIN = "BEGIN"
+    #: How a transaction starts that reads and then writes while another
+    #: connection may commit (the webhook claim beside the persister).
+    _BEGIN_CLAIM: str | None = None
 
     def __init__(self) -> None:
         self._conn: Any = None
@@ -275,7 +278,8 @@ class Store(ABC):
         ``now``, for ``owner``, for ``lease_s`` seconds; count the pending
         ones. Raises :class:`StoreError`."""
         result: DueDeliveries = self._run(
-            lambda cur: self._webhooks_due(cur, targets, now, owner, lease_s, limit)
+            lambda cur: self._webhooks_due(cur, targets, now, owner, lease_s, limit),
+            begin=self._BEGIN_CLAIM,
         )
         return result
 
@@ -458,26 +462,27 @@ class Store(ABC):
 
     # -- internals -----------------------------------------------------------
 
-    def _run(self, work: Any) -> Any:
-        """Run ``work(cursor)`` in one transaction. A transaction the database
-        aborted to break a lock cycle (see :meth:`_conflict`) is run again,
-        up to :data:`CONFLICT_RETRIES` times; any other failure drops the
+    def _run(self, work: Any, *, begin: str | None = None) -> Any:
+        """Run ``work(cursor)`` in one transaction (started with ``begin``,
+        by default :attr:`_BEGIN`). A transaction the database aborted to
+        break a lock cycle (see :meth:`_conflict`) is run again, up to
+        :data:`CONFLICT_RETRIES` times; any other failure drops the
         connection and raises :class:`StoreError`."""
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
-                return self._transaction(work)
+                return self._transaction(work, begin or self._BEGIN)
             except StoreError as exc:
                 if not (exc.conflict and attempt < CONFLICT_RETRIES):
                     raise
         raise AssertionError("unreachable")
 
-    def _transaction(self, work: Any) -> Any:
+    def _transaction(self, work: Any, begin: str) -> Any:
         try:
             if self._conn is None:
                 self._conn = self._connect()
             cur = self._conn.cursor()
             try:
-                cur.execute(self._BEGIN)
+                cur.execute(begin)
                 result = work(cur)
                 cur.execute("COMMIT")
                 return result
