@@ -49,75 +49,109 @@ class BudgetCollector:
         self.errors = errors or {}
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._spend()
+        yield from self._progress()
+        yield from self._store()
+        yield from self._counters()
+        yield from self._webhooks()
+        if self.health.instance is not None:
+            yield from self._instance()
+
+    def _spend(self) -> Iterator[Metric]:
+        """The budget day's money and its alerts."""
         health = self.health
-        day = [health.day]
-
-        def gauge(
-            name: str, help_text: str, value: float | Decimal | int | None = None
-        ) -> GaugeMetricFamily:
-            return GaugeMetricFamily(
-                _PREFIX + name, help_text, value=None if value is None else float(value)
-            )
-
-        def daily(name: str, help_text: str, value: float | Decimal | int) -> GaugeMetricFamily:
-            # Figures of the budget day carry it as a label: a new series
-            # starts at midnight (aggregate it away in rules: max without (day)).
-            family = GaugeMetricFamily(_PREFIX + name, help_text, labels=["day"])
-            family.add_metric(day, float(value))
-            return family
-
-        yield gauge("up", "1 when status is ok, 0 when degraded", 1 if health.ok else 0)
-        yield daily("daily_spend_usd", "Spend of the budget day in USD", health.daily_spend)
-        yield daily("daily_cap_usd", "Daily spend cap in USD", health.daily_cap)
-        yield daily("remaining_usd", "Cap minus spend, never negative", health.remaining)
-        yield daily("utilization_ratio", "Spend divided by cap (0.8 = 80%)", health.utilization)
-        yield daily("dispatches", "Costs counted today", health.dispatches)
-        yield gauge("seq", "Sequence number of the last accepted cost", health.seq)
-        yield daily("cycles", "Heartbeat cycles counted today", health.cycle_count)
-        yield gauge(
-            "cycles_until_persist",
-            "Cycles until the next budget patch",
-            health.cycles_until_persist,
+        day = health.day
+        yield _gauge("up", "1 when status is ok, 0 when degraded", 1 if health.ok else 0)
+        yield _daily(day, "daily_spend_usd", "Spend of the budget day in USD", health.daily_spend)
+        yield _daily(day, "daily_cap_usd", "Daily spend cap in USD", health.daily_cap)
+        yield _daily(day, "remaining_usd", "Cap minus spend, never negative", health.remaining)
+        yield _daily(
+            day, "utilization_ratio", "Spend divided by cap (0.8 = 80%)", health.utilization
         )
+        yield _daily(day, "dispatches", "Costs counted today", health.dispatches)
         sent = GaugeMetricFamily(
             _PREFIX + "alert_sent",
             "1 when the alert for this threshold was sent today",
             labels=["day", "threshold"],
         )
         for threshold in health.alert_thresholds:
-            sent.add_metric(
-                [health.day, str(threshold)], 1 if threshold in health.alerts_sent else 0
-            )
+            sent.add_metric([day, str(threshold)], 1 if threshold in health.alerts_sent else 0)
         yield sent
-        yield gauge(
+        yield _daily(
+            day, "reserved_usd", "Admitted estimates not yet settled or expired", health.reserved
+        )
+        yield _daily(
+            day, "burn_rate_5m_usd_per_hour", "Spend per hour, last 5 minutes", health.burn_rate_5m
+        )
+        yield _daily(
+            day,
+            "burn_rate_60m_usd_per_hour",
+            "Spend per hour, last 60 minutes",
+            health.burn_rate_60m,
+        )
+        yield _daily(
+            day,
+            "projected_spend_usd",
+            "Spend at midnight at the 60-minute rate",
+            health.projected_spend,
+        )
+
+    def _progress(self) -> Iterator[Metric]:
+        """Costs, cycles and patches as they go by; subscribers; uptime."""
+        health = self.health
+        yield _gauge("seq", "Sequence number of the last accepted cost", health.seq)
+        yield _daily(health.day, "cycles", "Heartbeat cycles counted today", health.cycle_count)
+        yield _gauge(
+            "cycles_until_persist",
+            "Cycles until the next budget patch",
+            health.cycles_until_persist,
+        )
+        yield _gauge(
             "last_persist_timestamp_seconds",
             "Unix time of this process's last budget patch (0 = none yet)",
             _timestamp(health.last_persist_at),
         )
-        yield gauge(
+        yield _gauge(
             "last_cycle_timestamp_seconds",
             "Unix time of the last heartbeat cycle this process counted (0 = none yet)",
             _timestamp(health.last_cycle_at),
         )
+        yield _gauge("subscribers", "Live subscribers", health.subscribers)
+        yield _gauge("uptime_seconds", "Seconds since the budget actor started", health.uptime_s)
+
+    def _store(self) -> Iterator[Metric]:
+        """The store: up or not, how far behind, how fast (histograms)."""
+        health = self.health
         store_ok = GaugeMetricFamily(
             _PREFIX + "store_ok", "1 when the last store write succeeded", labels=["store"]
         )
         store_ok.add_metric([health.store], 1 if health.store_ok else 0)
         yield store_ok
-        yield gauge("pending_costs", "Accepted costs not yet durable in the store", health.pending)
-        yield daily(
-            "reserved_usd", "Admitted estimates not yet settled or expired", health.reserved
+        yield _gauge("pending_costs", "Accepted costs not yet durable in the store", health.pending)
+        yield _gauge(
+            "persist_latency_seconds",
+            "Duration of the last store commit (see store_commit_duration_seconds)",
+            health.persist_latency_s,
         )
-        yield daily(
-            "burn_rate_5m_usd_per_hour", "Spend per hour, last 5 minutes", health.burn_rate_5m
+        yield _gauge(
+            "store_lag_seconds", "How far behind the store is (0: caught up)", health.store_lag_s
         )
-        yield daily(
-            "burn_rate_60m_usd_per_hour", "Spend per hour, last 60 minutes", health.burn_rate_60m
-        )
-        yield daily(
-            "projected_spend_usd", "Spend at midnight at the 60-minute rate", health.projected_spend
-        )
-        yield gauge("subscribers", "Live subscribers", health.subscribers)
+        if self.stats is not None:
+            yield _histogram(
+                "ack_latency_seconds",
+                "Seconds from the budget actor counting a cost to the cost being durable"
+                " (its ack may leave)",
+                self.stats.ack_latency,
+            )
+            yield _histogram(
+                "store_commit_duration_seconds",
+                "Seconds each successful store transaction took",
+                self.stats.commit_duration,
+            )
+
+    def _counters(self) -> Iterator[Metric]:
+        """Counters of costs, duplicates, restarts and error replies."""
+        health = self.health
         yield CounterMetricFamily(
             _PREFIX + "costs", "Costs accepted (the last sequence number)", value=health.seq
         )
@@ -138,29 +172,11 @@ class BudgetCollector:
         for code, count in sorted(self.errors.items()):
             errors.add_metric([code], count)
         yield errors
-        yield gauge(
-            "persist_latency_seconds",
-            "Duration of the last store commit (see store_commit_duration_seconds)",
-            health.persist_latency_s,
-        )
-        yield gauge(
-            "store_lag_seconds", "How far behind the store is (0: caught up)", health.store_lag_s
-        )
-        yield gauge("uptime_seconds", "Seconds since the budget actor started", health.uptime_s)
-        if self.stats is not None:
-            yield _histogram(
-                "ack_latency_seconds",
-                "Seconds from the budget actor counting a cost to the cost being durable"
-                " (its ack may leave)",
-                self.stats.ack_latency,
-            )
-            yield _histogram(
-                "store_commit_duration_seconds",
-                "Seconds each successful store transaction took",
-                self.stats.commit_duration,
-            )
+
+    def _webhooks(self) -> Iterator[Metric]:
+        """Alert webhooks (zeros when none is configured)."""
         webhooks = self.stats.webhooks if self.stats is not None else None
-        yield gauge(
+        yield _gauge(
             "webhooks_pending",
             "Alert webhook deliveries not yet answered by a 2xx (0 without webhooks)",
             webhooks.pending if webhooks is not None else 0,
@@ -175,28 +191,45 @@ class BudgetCollector:
             "Alert webhook attempts that failed (each retry counts)",
             value=webhooks.failures if webhooks is not None else 0,
         )
-        if health.instance is not None:
-            # Shared budget: daily_spend_usd above is global; this is our share.
-            labels = ["day", "instance"]
-            share = GaugeMetricFamily(
-                _PREFIX + "instance_spend_usd", "This instance's share of the spend", labels=labels
+
+    def _instance(self) -> Iterator[Metric]:
+        """A shared budget: daily_spend_usd is global; this is our share."""
+        health = self.health
+        labels = ["day", "instance"]
+        share = GaugeMetricFamily(
+            _PREFIX + "instance_spend_usd", "This instance's share of the spend", labels=labels
+        )
+        share.add_metric([health.day, health.instance or ""], float(health.instance_spend or 0))
+        yield share
+        counted = GaugeMetricFamily(
+            _PREFIX + "instance_dispatches", "Costs counted here today", labels=labels
+        )
+        counted.add_metric([health.day, health.instance or ""], health.instance_dispatches or 0)
+        yield counted
+        yield _daily(
+            health.day,
+            "instances",
+            "Instances with a share of today's spend",
+            health.instances or 0,
+        )
+        if health.sync_age_s is not None:
+            yield _gauge(
+                "sync_age_seconds",
+                "Age of this instance's view of the other instances' spend",
+                health.sync_age_s,
             )
-            share.add_metric([health.day, health.instance], float(health.instance_spend or 0))
-            yield share
-            counted = GaugeMetricFamily(
-                _PREFIX + "instance_dispatches", "Costs counted here today", labels=labels
-            )
-            counted.add_metric([health.day, health.instance], health.instance_dispatches or 0)
-            yield counted
-            yield daily(
-                "instances", "Instances with a share of today's spend", health.instances or 0
-            )
-            if health.sync_age_s is not None:
-                yield gauge(
-                    "sync_age_seconds",
-                    "Age of this instance's view of the other instances' spend",
-                    health.sync_age_s,
-                )
+
+
+def _gauge(name: str, help_text: str, value: float | Decimal | int) -> GaugeMetricFamily:
+    return GaugeMetricFamily(_PREFIX + name, help_text, value=float(value))
+
+
+def _daily(day: str, name: str, help_text: str, value: float | Decimal | int) -> GaugeMetricFamily:
+    # Figures of the budget day carry it as a label: a new series starts at
+    # midnight (aggregate it away in rules: max without (day)).
+    family = GaugeMetricFamily(_PREFIX + name, help_text, labels=["day"])
+    family.add_metric([day], float(value))
+    return family
 
 
 def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetricFamily:
