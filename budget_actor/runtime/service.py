@@ -330,32 +330,7 @@ async def open_budget(
     hooks = [parse_webhook_url(url) for url in dict.fromkeys(webhooks)]
     store = open_store(database, instance) if isinstance(database, str) else database
     store.webhook_targets = tuple(target_of(hook.url) for hook in hooks)
-    orphans: list[SpillFile] = []
-    if spill is True:
-        spill_file: SpillFile | None
-        spill_file, orphans = claim(default_spill_path(store), max_cost=config.max_cost)
-    elif spill is False:
-        spill_file = None
-    else:
-        spill_file = SpillFile(spill, max_cost=config.max_cost)
-        if not spill_file.lock():
-            raise StoreError(f"spill file {spill_file.path} is in use by another budget-actor")
-    limiter = trio.CapacityLimiter(1)
-    try:
-        await trio.to_thread.run_sync(store.open, limiter=limiter)
-        # Spill files of instances that died and did not come back: their
-        # acknowledged costs go to the store before anything is restored.
-        for orphan in orphans:
-            await trio.to_thread.run_sync(
-                drain_spill, orphan, store, config, clock(), limiter=limiter
-            )
-            orphan.release()
-    except BaseException:
-        for held in [*orphans, spill_file]:
-            if held is not None:
-                held.release()
-        raise
-    try:
+    async with _opened(store, config, spill, clock) as (spill_file, limiter):
         outbox, inbox = trio.open_memory_channel[Message](MAILBOX_SIZE)
         restart_policy = policy or RestartPolicy()
         stats = ServiceStats()
@@ -419,8 +394,54 @@ async def open_budget(
                 await trio.to_thread.run_sync(history.close)
                 if companion is not None:
                     await trio.to_thread.run_sync(companion.close)
+
+
+@contextlib.asynccontextmanager
+async def _opened(
+    store: Store,
+    config: BudgetConfig,
+    spill: str | os.PathLike[str] | bool,
+    clock: Callable[[], datetime],
+) -> AsyncIterator[tuple[SpillFile | None, trio.CapacityLimiter]]:
+    """Claim the spill file, open ``store`` and drain the spill files of
+    instances that died; yield the spill file and the store's limiter, and
+    close both at the end (shielded). Raises what :func:`open_budget`
+    documents; on an error nothing stays claimed."""
+    spill_file, orphans = _claim_spill(store, config, spill)
+    limiter = trio.CapacityLimiter(1)
+    try:
+        await trio.to_thread.run_sync(store.open, limiter=limiter)
+        # Spill files of instances that died and did not come back: their
+        # acknowledged costs go to the store before anything is restored.
+        for orphan in orphans:
+            await trio.to_thread.run_sync(
+                drain_spill, orphan, store, config, clock(), limiter=limiter
+            )
+            orphan.release()
+    except BaseException:
+        for held in [*orphans, spill_file]:
+            if held is not None:
+                held.release()
+        raise
+    try:
+        yield spill_file, limiter
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close, limiter=limiter)
         if spill_file is not None:
             spill_file.release()
+
+
+def _claim_spill(
+    store: Store, config: BudgetConfig, spill: str | os.PathLike[str] | bool
+) -> tuple[SpillFile | None, list[SpillFile]]:
+    """This service's spill file (see :func:`open_budget`'s ``spill``), and
+    the unclaimed ones of dead instances beside the default one."""
+    if spill is True:
+        return claim(default_spill_path(store), max_cost=config.max_cost)
+    if spill is False:
+        return None, []
+    spill_file = SpillFile(spill, max_cost=config.max_cost)
+    if not spill_file.lock():
+        raise StoreError(f"spill file {spill_file.path} is in use by another budget-actor")
+    return spill_file, []
