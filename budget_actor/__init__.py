@@ -10,17 +10,49 @@ The public API:
   :class:`ConfigError`, :class:`Escalation`.
 
 The network face is ``budget_actor.net.server.serve`` (used by ``budget-actor
-serve``); the command line is ``budget_actor.cli.main``.
+serve``); the command line is ``budget_actor.cli.main``. Programs in other
+processes use :mod:`budget_actor.client` (asyncio or trio).
+
+The names are imported when first used, so that ``import budget_actor.client``
+does not load trio and the service: a client on asyncio pays for neither.
 """
 
-from .core.config import BudgetConfig, ConfigError, make_config
-from .core.cost import InvalidCost
-from .core.views import Admission, AlertNotice, Health, Spend, Update
-from .runtime.messages import ServiceStopped
-from .runtime.service import Budget, Receipt, open_budget
-from .runtime.supervisor import Escalation, RestartPolicy
-from .stores.open import open_store
-from .stores.store import Store, StoreError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.config import BudgetConfig, ConfigError, make_config
+    from .core.cost import InvalidCost
+    from .core.views import Admission, AlertNotice, Health, Receipt, Spend, Update
+    from .runtime.messages import ServiceStopped
+    from .runtime.service import Budget, open_budget
+    from .runtime.supervisor import Escalation, RestartPolicy
+    from .stores.open import open_store
+    from .stores.store import Store, StoreError
+
+# Where each public name lives (imported on first use, see the docstring).
+_HOMES = {
+    "BudgetConfig": ".core.config",
+    "ConfigError": ".core.config",
+    "make_config": ".core.config",
+    "Admission": ".core.views",
+    "AlertNotice": ".core.views",
+    "Health": ".core.views",
+    "Receipt": ".core.views",
+    "Spend": ".core.views",
+    "Update": ".core.views",
+    "ServiceStopped": ".runtime.messages",
+    "Budget": ".runtime.service",
+    "InvalidCost": ".core.cost",
+    "open_budget": ".runtime.service",
+    "Escalation": ".runtime.supervisor",
+    "RestartPolicy": ".runtime.supervisor",
+    "open_store": ".stores.open",
+    "Store": ".stores.store",
+    "StoreError": ".stores.store",
+}
 
 __all__ = [
     "Admission",
@@ -44,3 +76,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'budget_actor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

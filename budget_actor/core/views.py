@@ -1,4 +1,5 @@
-"""The figures the service shows: ``spend`` pushes, ``alert`` pushes and health.
+"""The figures the service shows: ``spend`` pushes, ``alert`` pushes, health,
+admissions and receipts.
 
 These Structs are both the in-process return values and, encoded by msgspec,
 the wire messages of the contract: amounts are ``Decimal`` (encoded as JSON
@@ -131,6 +132,19 @@ class Health(
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    """A durable cost: what :meth:`Budget.record` and the client's ``record``
+    return, and one item of an ``acks`` message.
+
+    ``seq`` is the number the cost was given; for a duplicate
+    (``duplicate=True``), the original's.
+    """
+
+    dispatch_id: str
+    seq: int
+    duplicate: bool
 
 
 Update = Spend | AlertNotice

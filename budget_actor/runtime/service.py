@@ -28,7 +28,7 @@ import trio
 from ..core.config import BudgetConfig
 from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
 from ..core.history import DEFAULT_DAYS, MAX_DAYS, History
-from ..core.views import Admission, Health, Update
+from ..core.views import Admission, Health, Receipt, Update
 from ..core.webhook import parse_webhook_url, target_of
 from ..stores.open import open_store
 from ..stores.spill import SpillFile, claim
@@ -61,14 +61,6 @@ MAILBOX_SIZE = 4096
 # How many send_cost calls may go by without a checkpoint. At a few
 # microseconds each, 64 calls keep other tasks waiting well under a millisecond.
 SEND_COST_CHECKPOINT_EVERY = 64
-
-
-class Receipt(msgspec.Struct, frozen=True):
-    """The answer to :meth:`Budget.record`: the cost is durable in the store."""
-
-    dispatch_id: str
-    seq: int
-    duplicate: bool
 
 
 def default_spill_path(store: Store) -> Path:
