@@ -171,7 +171,7 @@ def _same(presented: str, expected: str | None) -> bool:
 
 def may(role: Role, request_type: str) -> bool:
     """Whether ``role`` may send a message of ``request_type``."""
-    if request_type in ("cost", "cycle", "admit"):
+    if request_type in ("cost", "costs", "cycle", "admit"):
         return role == "dispatcher"
     return True
 

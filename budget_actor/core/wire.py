@@ -9,6 +9,7 @@ names the field. Nothing unvalidated gets past this module.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -16,7 +17,7 @@ import msgspec
 
 from .cost import MAX_NAME_CHARS, Cost, InvalidCost, check_amount, check_dispatch_id, make_cost
 from .money import to_wire
-from .views import Admission, AlertNotice, Health, Spend
+from .views import Admission, AlertNotice, Health, Receipt, Spend
 
 # A health request's id is echoed back: short and printable, as a cost's texts
 # (control characters break logs and terminals).
@@ -53,6 +54,24 @@ def _as_sent(cost: type[Cost]) -> list[tuple[str, Any, Any]]:
 _CostFrame = msgspec.defstruct("_CostFrame", _as_sent(Cost), bases=(_Request,), tag="cost")
 
 
+# One item of a `costs` frame: the same fields, untagged.
+_CostItem = msgspec.defstruct("_CostItem", _as_sent(Cost), forbid_unknown_fields=True)
+
+# The contract's bound on the items of one `costs` frame.
+MAX_BATCH_ITEMS = 1000
+
+
+class _CostsFrame(_Request, tag="costs"):
+    # Raw: each item is decoded on its own, so that an error can name it.
+    costs: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+class CostsRequest(msgspec.Struct, frozen=True):
+    """A validated ``costs`` batch: every item valid, in the order given."""
+
+    costs: list[Cost]
+
+
 class CycleRequest(_Request, tag="cycle"):
     pass
 
@@ -71,7 +90,7 @@ class AdmitRequest(msgspec.Struct, frozen=True):
     estimate_usd: Decimal
 
 
-Request = SubscribeRequest | Cost | CycleRequest | HealthRequest | AdmitRequest
+Request = SubscribeRequest | Cost | CostsRequest | CycleRequest | HealthRequest | AdmitRequest
 
 
 class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
@@ -98,8 +117,9 @@ class WireError(Exception):
 
 
 _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
-    SubscribeRequest | _CostFrame | CycleRequest | HealthRequest | _AdmitFrame
+    SubscribeRequest | _CostFrame | _CostsFrame | CycleRequest | HealthRequest | _AdmitFrame
 )
+_item_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_CostItem)
 _encoder = msgspec.json.Encoder()
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z_]+)[^`]*`")
 _AMOUNT_FIELDS = {"usd", "estimate_usd"}
@@ -137,6 +157,8 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
     try:
         if isinstance(request, _CostFrame):
             return make_cost(**msgspec.structs.asdict(request), max_cost=max_cost)
+        if isinstance(request, _CostsFrame):
+            return CostsRequest([_item(raw, i, max_cost) for i, raw in enumerate(request.costs)])
         if isinstance(request, _AdmitFrame):
             return AdmitRequest(
                 check_dispatch_id(request.dispatch_id),
@@ -146,6 +168,28 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         raise WireError(exc.code, exc.detail) from None
     result: Request = request
     return result
+
+
+def _item(raw: msgspec.Raw | bytes, index: int | None, max_cost: Decimal) -> Cost:
+    """One item of a ``costs`` frame, by the rules of ``cost`` (:func:`make_cost`).
+
+    Any problem is ``invalid_cost``, the contract's code for a refused batch,
+    with a detail that names the item's index and the field.
+    """
+    where = f"costs[{index}]: " if index is not None else ""
+    try:
+        fields = _item_decoder.decode(raw)
+        return make_cost(**msgspec.structs.asdict(fields), max_cost=max_cost)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT_PATH.search(text)
+        raise WireError("invalid_cost", where + _describe(text, match and match.group(1))) from None
+    except msgspec.DecodeError as exc:
+        raise WireError("invalid_cost", f"{where}not valid JSON: {exc}") from None
+    except InvalidCost as exc:
+        raise WireError("invalid_cost", where + exc.detail) from None
+    except RecursionError:
+        raise WireError("invalid_cost", f"{where}JSON is nested too deeply") from None
 
 
 # Nesting deeper than this is what made msgspec give up; any real message of
@@ -196,14 +240,14 @@ def _describe(text: str, field: str | None) -> str:
     return _plain(text)
 
 
-def encode(message: Spend | AlertNotice | Health | Admission | Ack | Error) -> bytes:
+def encode(message: Spend | AlertNotice | Health | Admission | Ack | Acks | Error) -> bytes:
     """JSON text of a service message.
 
     Amounts are JSON strings in plain notation (``"0.0000001"``, never
     ``"1E-7"``, which msgspec's own Decimal encoding would give): a reader
     that parses them as text must not meet an exponent.
     """
-    if isinstance(message, Ack | Error):
+    if isinstance(message, Ack | Acks | Error):
         return _encoder.encode(message)
     fields: dict[str, object] = {"type": message.__struct_config__.tag}
     for name, value in msgspec.structs.asdict(message).items():
@@ -212,3 +256,72 @@ def encode(message: Spend | AlertNotice | Health | Admission | Ack | Error) -> b
         elif value is not None or name not in _OMIT_IF_NONE:
             fields[name] = value
     return _encoder.encode(fields)
+
+
+class Acks(msgspec.Struct, frozen=True, tag="acks", tag_field="type"):
+    """The answer to a ``costs`` frame: one receipt per item, in the order given."""
+
+    acks: list[Receipt]
+
+
+# -- The client's side: cost items out, service messages in -------------------
+
+# A cost as a `costs` item: the amount as a plain-notation string (msgspec
+# would write a Decimal with an exponent), absent optional fields left out.
+_CostOut = msgspec.defstruct(
+    "_CostOut",
+    [(f.name, str if f.name == "usd" else f.type, f.default) for f in msgspec.structs.fields(Cost)],
+    omit_defaults=True,
+)
+
+
+def encode_cost_item(cost: Cost) -> bytes:
+    """One item of a ``costs`` frame (no ``type``), from a validated cost."""
+    fields = msgspec.structs.asdict(cost)
+    fields["usd"] = to_wire(cost.usd)
+    return _encoder.encode(_CostOut(**fields))
+
+
+def costs_frame(items: Sequence[bytes]) -> bytes:
+    """A ``costs`` frame from items encoded by :func:`encode_cost_item`."""
+    return b'{"type":"costs","costs":[' + b",".join(items) + b"]}"
+
+
+def decode_cost_item(item: bytes, *, max_cost: Decimal) -> Cost:
+    """One item of a ``costs`` frame, checked as the service checks it.
+
+    Raises :class:`WireError` (``invalid_cost``) naming the field.
+    """
+    return _item(item, None, max_cost)
+
+
+class ServiceError(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
+    """An ``error`` as a client reads it: any ``code``, so that codes added in
+    later versions still decode."""
+
+    code: str
+    detail: str = ""
+
+
+ServiceMessage = Spend | AlertNotice | Health | Admission | Ack | Acks | ServiceError
+_service_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(ServiceMessage)
+
+
+def decode_service_message(frame: str | bytes) -> ServiceMessage | None:
+    """Decode one message from the service, amounts as ``Decimal``.
+
+    Unknown fields are ignored and a message of an unknown ``type`` gives
+    None, as the protocol asks of clients. Raises :class:`WireError` for a
+    frame that is not a valid message of a known type.
+    """
+    try:
+        message: ServiceMessage = _service_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT_PATH.search(text)
+        if match is not None and match.group(1) == "type" and text.startswith("Invalid value"):
+            return None
+        raise WireError("invalid_message", f"bad message from the service: {text}") from None
+    except msgspec.DecodeError as exc:
+        raise WireError("invalid_message", f"the service sent invalid JSON: {exc}") from None
+    return message

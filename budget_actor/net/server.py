@@ -46,9 +46,12 @@ from ..core.access import (
 )
 from ..core.cost import Cost
 from ..core.history import parse_days
+from ..core.views import Receipt
 from ..core.wire import Ack as AckMessage
 from ..core.wire import (
+    Acks,
     AdmitRequest,
+    CostsRequest,
     CycleRequest,
     ErrorCode,
     HealthRequest,
@@ -58,7 +61,7 @@ from ..core.wire import (
     encode,
 )
 from ..runtime.fanout import Published, Subscription
-from ..runtime.messages import CostReceipt, ServiceStopped
+from ..runtime.messages import BatchReceipt, CostReceipt, ServiceStopped
 from ..runtime.service import Budget
 from ..stores.store import StoreError
 from . import metrics as _metrics
@@ -487,10 +490,16 @@ async def _send_response(
 _KIND: dict[type[Any], str] = {
     SubscribeRequest: "subscribe",
     Cost: "cost",
+    CostsRequest: "costs",
     CycleRequest: "cycle",
     HealthRequest: "health",
     AdmitRequest: "admit",
 }
+
+
+# What the ack writer waits for, in order: one cost (its dispatch_id) or a
+# `costs` batch (its dispatch_ids, answered by one BatchReceipt).
+_Awaited = tuple[str | list[str], CostReceipt]
 
 
 class _Session:
@@ -517,7 +526,7 @@ class _Session:
         self.subscription: Subscription | None = None
 
     async def run(self) -> None:
-        acks_in, acks_out = trio.open_memory_channel[tuple[str, CostReceipt]](ACK_WINDOW)
+        acks_in, acks_out = trio.open_memory_channel[_Awaited](ACK_WINDOW)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ack_writer, acks_out)
@@ -531,7 +540,7 @@ class _Session:
     async def _read(
         self,
         nursery: trio.Nursery,
-        acks: trio.MemorySendChannel[tuple[str, CostReceipt]],
+        acks: trio.MemorySendChannel[_Awaited],
     ) -> None:
         ws, budget, options = self.ws, self.budget, self.options
         max_cost = budget.config.max_cost
@@ -567,6 +576,14 @@ class _Session:
                     acks.send_nowait((request.dispatch_id, receipt))
                 except trio.WouldBlock:
                     await acks.send((request.dispatch_id, receipt))  # window full: wait
+            elif isinstance(request, CostsRequest):
+                costs = request.costs
+                batch = await budget.submit_many(costs)
+                awaited: _Awaited = ([cost.dispatch_id for cost in costs], batch)
+                try:
+                    acks.send_nowait(awaited)
+                except trio.WouldBlock:
+                    await acks.send(awaited)  # window full: wait
             elif isinstance(request, CycleRequest):
                 await budget.cycle()
             elif isinstance(request, HealthRequest):
@@ -586,7 +603,7 @@ class _Session:
         self.errors[code] += 1
         await self.ws.send_message(WireError(code, detail).frame().decode())
 
-    async def _ack_writer(self, acks: trio.MemoryReceiveChannel[tuple[str, CostReceipt]]) -> None:
+    async def _ack_writer(self, acks: trio.MemoryReceiveChannel[_Awaited]) -> None:
         # A closing connection ends the writers quietly: raising here would
         # cancel the reader in the middle of its closing handshake, and the
         # peer would see an abnormal closure (1006) instead of our close code.
@@ -598,8 +615,20 @@ class _Session:
                     # Never acknowledged: the client must resend from here on.
                     await self.ws.aclose(1011, "service stopped; resend unacknowledged costs")
                     return
-                ack = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
-                await self.ws.send_message(encode(ack).decode())
+                if isinstance(receipt, BatchReceipt):
+                    assert isinstance(dispatch_id, list)
+                    answer: AckMessage | Acks = Acks(
+                        [
+                            Receipt(*item)
+                            for item in zip(
+                                dispatch_id, receipt.seqs, receipt.duplicates, strict=True
+                            )
+                        ]
+                    )
+                else:
+                    assert isinstance(dispatch_id, str)
+                    answer = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
+                await self.ws.send_message(encode(answer).decode())
 
     async def _pusher(self, subscription: Subscription) -> None:
         with contextlib.suppress(ConnectionClosed):  # see _ack_writer

@@ -52,6 +52,7 @@ from .messages import (
     Message,
     QueryHealth,
     RecordCost,
+    RecordCosts,
     Shutdown,
     StoreReport,
     Subscribe,
@@ -121,6 +122,7 @@ class BudgetActor:
         # never awaiting (the actor must not wait for anyone).
         self._handlers: dict[type[Message], Callable[[Any], None]] = {
             RecordCost: self._on_cost,
+            RecordCosts: self._on_costs,
             Admit: self._on_admit,
             CountCycle: self._on_cycle,
             Tick: self._on_tick,
@@ -254,6 +256,24 @@ class BudgetActor:
             # A duplicate is acknowledged only once the original is durable.
             self._persist.put(BarrierJob(receipt))
         self._apply(outcome.effects)
+
+    def _on_costs(self, message: RecordCosts) -> None:
+        # One message for the whole batch: one mailbox hop, and one barrier
+        # job whose durability acknowledges every item at once.
+        receipt = message.receipt
+        ledger, persist, now = self._ledger, self._persist, self._clock()
+        for index, cost in enumerate(message.costs):
+            outcome = ledger.record(now, cost)
+            recorded = outcome.value
+            receipt.seqs.append(recorded.seq)
+            receipt.duplicates.append(recorded.duplicate)
+            if recorded.entry is not None:
+                persist.put(JournalJob(recorded.entry, None, self._woke_at, receipt, index))
+            if outcome.effects:
+                self._apply(outcome.effects)
+        # Durable once everything before it is: the batch's own entries, and
+        # the originals of its duplicates.
+        persist.put(BarrierJob(receipt))
 
     def _on_admit(self, message: Admit) -> None:
         ledger = self._ledger

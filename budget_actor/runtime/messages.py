@@ -81,12 +81,34 @@ class CostReceipt:
             self.durable.set()
 
 
+class BatchReceipt(CostReceipt):
+    """The actor's answer to a ``costs`` batch: per item, in order, its ``seq``
+    and whether it was a duplicate (``seqs``, ``duplicates``); ``durable`` is
+    set once every item is durable (a barrier job after the batch's entries),
+    so whoever acknowledges the batch waits once, not once per cost."""
+
+    __slots__ = ("duplicates", "seqs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seqs: list[int] = []
+        self.duplicates: list[bool] = []
+
+
 class RecordCost(msgspec.Struct):
     """Count ``cost``, and answer on ``receipt`` beside it (None for
     fire-and-forget sends)."""
 
     cost: Cost
     receipt: CostReceipt | None = None
+
+
+class RecordCosts(msgspec.Struct):
+    """Count a validated batch of costs, in order, as one message; answer on
+    ``receipt``."""
+
+    costs: list[Cost]
+    receipt: BatchReceipt
 
 
 class Admit(msgspec.Struct):
@@ -177,6 +199,7 @@ def fail_waiters(message: object) -> None:
 
 Message = (
     RecordCost
+    | RecordCosts
     | Admit
     | CountCycle
     | QueryHealth

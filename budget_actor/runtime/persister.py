@@ -41,7 +41,7 @@ import trio
 from ..core.records import Alert, JournalEntry, Snapshot
 from ..stores.spill import SpillFile
 from ..stores.store import JournalBatch, Store, StoreError
-from .messages import CostReceipt, Message, Reply, StoreReport, Uncount
+from .messages import BatchReceipt, CostReceipt, Message, Reply, StoreReport, Uncount
 from .stats import ServiceStats
 
 log = logging.getLogger("budget_actor.persister")
@@ -65,6 +65,10 @@ class JournalJob(msgspec.Struct):
     # trio time at which the actor counted the cost (one reading per
     # wake-up of the actor), for the ack latency histogram.
     counted_at: float = 0.0
+    # A cost of a `costs` batch: its answer is item `index` of `batch`, made
+    # durable by the batch's barrier job (receipt is None).
+    batch: BatchReceipt | None = None
+    index: int = 0
 
 
 class PatchJob(msgspec.Struct):
@@ -294,6 +298,9 @@ class Persister:
                     if job.receipt is not None:
                         job.receipt.duplicate = True
                         job.receipt.seq = duplicates[job.entry.seq]
+                    elif job.batch is not None:
+                        job.batch.duplicates[job.index] = True
+                        job.batch.seqs[job.index] = duplicates[job.entry.seq]
         for job in batch:
             if not _acknowledge(job) and isinstance(job, NudgeJob) and job.reply is not None:
                 job.reply.set(result.nudges.get(job.alert.nudge_name, "exists"))
@@ -369,7 +376,7 @@ def _observe_acks(stats: ServiceStats, batch: list[Job], now: float) -> None:
     stamp = -1.0
     run = 0
     for job in batch:
-        if type(job) is JournalJob and job.receipt is not None:
+        if type(job) is JournalJob and (job.receipt is not None or job.batch is not None):
             if job.counted_at != stamp:
                 if run:
                     histogram.observe(now - stamp, run)

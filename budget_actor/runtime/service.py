@@ -38,12 +38,14 @@ from .fanout import Published, Subscription
 from .history import HistoryReader
 from .messages import (
     Admit,
+    BatchReceipt,
     ChildFailed,
     CostReceipt,
     CountCycle,
     Message,
     QueryHealth,
     RecordCost,
+    RecordCosts,
     Reply,
     ServiceStopped,
     Shutdown,
@@ -179,6 +181,16 @@ class Budget:
         # wait for the receipt, which is one; a second would only cost a
         # scheduler round-trip per cost.
         await self._send(RecordCost(cost, receipt), checkpoint=False)
+        return receipt
+
+    async def submit_many(self, costs: list[Cost]) -> BatchReceipt:
+        """:meth:`submit` for a batch (a ``costs`` frame): one message to the
+        actor, which counts the costs in order. ``receipt.seqs`` and
+        ``receipt.duplicates`` give each item's answer; ``receipt.durable`` is
+        set once every item is durable (or ``receipt.failed`` if the service
+        ended first: then none of it may be acknowledged)."""
+        receipt = BatchReceipt()
+        await self._send(RecordCosts(costs, receipt), checkpoint=False)
         return receipt
 
     async def admit(self, dispatch_id: str, estimate_usd: Decimal | str | int) -> Admission:
