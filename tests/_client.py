@@ -33,7 +33,7 @@ READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 RECV_TIMEOUT = 5.0
 
-_READY_RE = re.compile(r"ws://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)/ws")
+_READY_RE = re.compile(r"wss?://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)/ws")
 
 
 # --------------------------------------------------------------------------

@@ -286,7 +286,7 @@ class BudgetClient:
         self._forbidden: Forbidden | None = None
         self._closed = False
         self._started = False
-        self._stack: contextlib.AsyncExitStack | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -313,17 +313,12 @@ class BudgetClient:
                 raise
             if rows:
                 log.info("outbox %s: %d costs to send", self._outbox.path, len(rows))
-        stack = contextlib.AsyncExitStack()
-        try:
-            tasks = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(tasks.cancel_scope.cancel)  # runs before the group exits
-            tasks.start_soon(self._run)
-            if self._outbox is not None:
-                tasks.start_soon(self._writer)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
+        tasks = anyio.create_task_group()
+        await tasks.__aenter__()
+        tasks.start_soon(self._run)
+        if self._outbox is not None:
+            tasks.start_soon(self._writer)
+        self._tasks = tasks
         return self
 
     async def __aexit__(
@@ -333,12 +328,16 @@ class BudgetClient:
         tb: TracebackType | None,
     ) -> None:
         """Stop: close the connection and the outbox. Costs not acknowledged
-        stay in the outbox (see :meth:`flush`)."""
+        stay in the outbox (see :meth:`flush`). An exception from the block
+        propagates as it is (not wrapped in an exception group)."""
         self._closed = True
-        stack, self._stack = self._stack, None
+        tasks, self._tasks = self._tasks, None
         try:
-            if stack is not None:
-                await stack.__aexit__(exc_type, exc, tb)
+            if tasks is not None:
+                tasks.cancel_scope.cancel()
+                # The block's own exception is not the background tasks'
+                # business: keeping it out of the group keeps it unwrapped.
+                await tasks.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
                 if self._outbox is not None:
@@ -403,21 +402,21 @@ class BudgetClient:
         (and, with an outbox, deleted from it).
 
         Waits through outages; bound it with a timeout of your own. Raises
-        :class:`CostRefused` for costs the service refused since the last
-        report, :class:`Forbidden` if the token may not send costs, or the
-        error that stopped the client.
+        :class:`CostRefused`, once everything is settled, for the costs the
+        service refused since the last report, :class:`Forbidden` if the
+        token may not send costs, or the error that stopped the client.
         """
         self._check_open()
         target = next(self._orders)
         while True:
             self._raise_stops()
-            if self._refused_unreported:
-                refused, self._refused_unreported = self._refused_unreported, []
-                raise CostRefused(refused)
             oldest = next(iter(self._unresolved), None)
             if oldest is None or oldest > target:
                 break
             await self._wait_changed()
+        if self._refused_unreported:
+            refused, self._refused_unreported = self._refused_unreported, []
+            raise CostRefused(refused)
         if self._outbox is not None:
             asked = self._writes_asked = self._writes_asked + 1
             self._writer_wake.set()
@@ -1014,7 +1013,7 @@ class BudgetClient:
             raise ClientClosed("the client is closed")
 
     def _check_open(self) -> None:
-        if not self._started or self._stack is None:
+        if not self._started or self._tasks is None:
             if self._closed:
                 raise ClientClosed("the client is closed")
             raise ClientClosed("use the client inside `async with BudgetClient(...)`")
