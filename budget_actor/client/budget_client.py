@@ -41,16 +41,16 @@ import anyio
 import anyio.abc
 import msgspec
 
-from ..core.money import DEFAULT_MAX_COST
+from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
+from ..core.cost import InvalidCost as _Refused
+from ..core.money import DEFAULT_MAX_COST, to_wire
 from ..core.views import Admission, AlertNotice, Health, Receipt, Spend
 from ..core.wire import (
     Ack,
     Acks,
-    CostRequest,
     ServiceError,
     ServiceMessage,
     WireError,
-    cost_request,
     costs_frame,
     decode_cost_item,
     decode_service_message,
@@ -465,15 +465,16 @@ class BudgetClient:
         """
         self._check_open()
         self._check_dispatcher()
-        checked = _validated(dispatch_id, estimate_usd, self.max_cost, field="estimate_usd")
-        frame = (
-            b'{"type":"admit","dispatch_id":'
-            + _json_str(checked.dispatch_id)
-            + b',"estimate_usd":"'
-            + format(checked.usd, "f").encode()
-            + b'"}'
+        try:
+            # The service's own checks of an admit (core.cost), here first.
+            checked_id = check_dispatch_id(dispatch_id)
+            estimate = check_amount(estimate_usd, "estimate_usd", self.max_cost)
+        except _Refused as exc:
+            raise InvalidCost(exc.detail, exc.code) from None
+        frame = msgspec.json.encode(
+            {"type": "admit", "dispatch_id": checked_id, "estimate_usd": to_wire(estimate)}
         )
-        answer = await self._ask("admit", checked.dispatch_id, frame.decode())
+        answer = await self._ask("admit", checked_id, frame.decode())
         assert isinstance(answer, Admission)
         return answer
 
@@ -508,15 +509,20 @@ class BudgetClient:
         input_tokens: int | None,
         output_tokens: int | None,
     ) -> _Item:
-        cost = _validated(
-            dispatch_id,
-            usd,
-            self.max_cost,
-            model=model,
-            agent=agent,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-        )
+        try:
+            # The service's own rules (core.cost.make_cost), before anything
+            # is queued.
+            cost: Cost = make_cost(
+                dispatch_id,
+                usd,
+                model,
+                input_tokens,
+                output_tokens,
+                agent,
+                max_cost=self.max_cost,
+            )
+        except _Refused as exc:
+            raise InvalidCost(exc.detail, exc.code) from None
         return _Item(0, cost.dispatch_id, encode_cost_item(cost))
 
     def _reload(self, row: int, body: bytes) -> _Item:
@@ -953,8 +959,10 @@ class BudgetClient:
                     code, detail = entry.error.code, entry.error.detail
                     if code == "forbidden":
                         raise Forbidden(detail)
-                    if code in ("invalid_cost", "invalid_message"):
-                        raise InvalidCost(code, detail)
+                    if code == "invalid_cost":
+                        raise InvalidCost(detail, "invalid_cost")
+                    if code == "invalid_message":
+                        raise InvalidCost(detail, "invalid_message")
                     raise RequestRefused(code, detail)
                 if entry.answer is None:  # woken by the client stopping
                     self._raise_stops()
@@ -1040,36 +1048,6 @@ class BudgetClient:
     def _status(self, status: ConnectionStatus) -> None:
         if self._on_connection is not None:
             self._on_connection(status)
-
-
-def _validated(
-    dispatch_id: object,
-    usd: object,
-    max_cost: Decimal,
-    *,
-    field: str = "usd",
-    model: object = None,
-    agent: object = None,
-    input_tokens: object = None,
-    output_tokens: object = None,
-) -> CostRequest:
-    try:
-        return cost_request(
-            dispatch_id,
-            usd,
-            max_cost=max_cost,
-            model=model,
-            agent=agent,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-        )
-    except WireError as exc:
-        detail = exc.detail.replace("`usd`", f"`{field}`") if field != "usd" else exc.detail
-        raise InvalidCost(exc.code, detail) from None
-
-
-def _json_str(text: str) -> bytes:
-    return msgspec.json.encode(text)
 
 
 def _refusal(exc: HandshakeRejected) -> ClientError:

@@ -12,23 +12,21 @@ Two kinds matter to a caller:
 
 from __future__ import annotations
 
+from ..core.cost import InvalidCost as _CoreInvalidCost
+
 
 class ClientError(Exception):
     """Base class of everything :mod:`budget_actor.client` raises on purpose."""
 
 
-class InvalidCost(ClientError, ValueError):
-    """A cost, estimate or id broke the service's input rules (checked here,
-    by the same code as the service's). Nothing was queued or sent.
+class InvalidCost(ClientError, _CoreInvalidCost):
+    """A cost, estimate or id broke the service's input rules, checked here by
+    the service's own code (:func:`budget_actor.core.cost.make_cost`). Nothing
+    was queued or sent. Also a :class:`budget_actor.InvalidCost`.
 
     ``code`` is the contract's error code (``invalid_cost`` for an amount,
     ``invalid_message`` for an id or name), ``detail`` names the field.
     """
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 class Unauthorized(ClientError):
