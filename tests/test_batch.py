@@ -164,3 +164,26 @@ async def test_errors_and_answers_between_batches_keep_frame_order(
         assert [m["type"] for m in immediate] == ["error", "health"], immediate
         acks = await d.recv_type("acks")
         assert [a["dispatch_id"] for a in acks["acks"]] == ["f-1"]
+
+
+async def test_a_batch_counted_first_by_another_instance_is_acked_as_duplicates(
+    pg_url: str, launcher: Launcher
+) -> None:
+    """Shared budget: bravo cannot know alpha's ids until it writes them; the
+    store tells, and bravo's one acks says `duplicate` with alpha's seqs."""
+    alpha = await launcher.start(pg_url, "--instance-id", "alpha")
+    bravo = await launcher.start(pg_url, "--instance-id", "bravo")
+    ids = [f"y-{i}" for i in range(50)]
+    async with connect(alpha.ws_url) as a:
+        first = await send_batch(a, [item(d, "0.01") for d in ids])
+        assert [x["duplicate"] for x in first["acks"]] == [False] * 50
+    async with connect(bravo.ws_url) as b:
+        second = await send_batch(b, [item(d, "0.01") for d in ids] + [item("z-0", "0.5")])
+    assert second["type"] == "acks", second
+    answers = {x["dispatch_id"]: x for x in second["acks"]}
+    for original in first["acks"]:
+        assert answers[original["dispatch_id"]]["duplicate"] is True
+        assert answers[original["dispatch_id"]]["seq"] == original["seq"]
+    assert answers["z-0"]["duplicate"] is False
+    body = (await http_get(f"{bravo.http_base}/health")).json()
+    assert (Decimal(body["instance_spend"]), body["instance_dispatches"]) == (Decimal("0.5"), 1)
