@@ -1,9 +1,13 @@
 """Black-box helpers for the acceptance tests: run ``budget-actor`` as a real
 process, talk to it over WebSocket and HTTP, and read its database directly.
 
-Nothing here imports ``budget_actor``: the service is driven only through its
-command line, its wire protocol, its HTTP endpoints and its database rows, as
-``PROTOCOL.md`` describes them.
+The service is driven only through its command line, its wire protocol, its
+HTTP endpoints, its database rows (as ``PROTOCOL.md`` describes them) and its
+public client library. :func:`connect` gives a raw-frame connection
+(:class:`Conn`), for tests whose subject is the wire itself: exact frames,
+hostile input, close codes. :func:`dispatcher` gives the project's own client
+(:class:`budget_actor.client.BudgetClient`), for tests that only need costs
+counted or figures read.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 import psycopg
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
+
+from budget_actor.client import BudgetClient
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -321,6 +327,15 @@ async def connect(url: str, **kwargs: Any) -> AsyncIterator[Conn]:
     kwargs.setdefault("disconnect_timeout", 5)
     async with open_websocket_url(url, **kwargs) as ws:
         yield Conn(ws)
+
+
+@asynccontextmanager
+async def dispatcher(
+    url: str, token: str | None = None, **kwargs: Any
+) -> AsyncIterator[BudgetClient]:
+    """The client library, connected to ``url`` (see the module docstring)."""
+    async with BudgetClient(url, token, **kwargs) as client:
+        yield client
 
 
 # --------------------------------------------------------------------------

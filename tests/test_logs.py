@@ -13,7 +13,7 @@ from pathlib import Path
 
 from budget_actor.cli.logs import JsonFormatter
 
-from ._client import Launcher, child_env, command, connect, run_cli
+from ._client import Launcher, child_env, command, dispatcher, run_cli
 
 
 def _record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
@@ -55,10 +55,10 @@ async def test_serve_logs_json_lines(sqlite_url: str, tmp_path: Path) -> None:
         service = await launcher.start(
             sqlite_url, "--log-format", "json", "--log-level", "debug", "--persist-every", "1"
         )
-        async with connect(service.ws_url) as conn:
-            await conn.cost("j-1", "0.5")
-            await conn.send({"type": "cycle"})
-            await conn.health()
+        async with dispatcher(service.ws_url) as client:
+            await client.record("j-1", "0.5")
+            await client.cycle()
+            await client.health()
         assert await service.stop() == 0
         lines = service.stderr_text().splitlines()
     finally:
@@ -82,10 +82,10 @@ async def test_verify_shows_its_progress_on_a_terminal(sqlite_url: str, tmp_path
     launcher = Launcher(tmp_path)
     try:
         service = await launcher.start(sqlite_url)
-        async with connect(service.ws_url) as conn:
-            await conn.cost("v-1", "0.5")
-            await conn.cost("v-2", "0.25")
-            day = (await conn.health())["day"]
+        async with dispatcher(service.ws_url) as client:
+            await client.record("v-1", "0.5")
+            await client.record("v-2", "0.25")
+            day = (await client.health()).day
         assert await service.stop() == 0
     finally:
         launcher.close()

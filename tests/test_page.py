@@ -24,7 +24,7 @@ import trio
 from budget_actor import open_store
 
 from ._browser import DevTools, browser
-from ._client import Launcher, connect, http_get, sql_setup
+from ._client import Launcher, dispatcher, http_get, sql_setup
 from ._png import Image, read_png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,10 +130,9 @@ async def test_the_page_in_a_headless_browser(
         await tools.send("Page.navigate", url=page_url)
         await _until(tools, lambda s: s["conn"] == "live" and s["spend"] == "$0", 10)
 
-        headers = [(b"authorization", f"Bearer {DISPATCHER_TOKEN}".encode())]
-        async with connect(service.ws_url, extra_headers=headers) as conn:
+        async with dispatcher(service.ws_url, DISPATCHER_TOKEN) as client:
             for n, usd in enumerate(["0.12", "0.2", "0.25", "0.1", "0.18"]):
-                await conn.cost(f"page-{n}", usd, model="haiku")
+                await client.record(f"page-{n}", usd, model="haiku")
                 await trio.sleep(0.25)  # a curve with steps, not one jump
         shown = await _until(
             tools,
@@ -324,10 +323,9 @@ async def test_a_page_opened_late_draws_the_day_so_far_and_the_last_days(
         assert _tall_runs(days, OK_GREEN, 5) >= 10  # 0.3, 0.2, and today's 0.45
 
         # Live costs continue the same curve and today's bar.
-        headers = [(b"authorization", f"Bearer {DISPATCHER_TOKEN}".encode())]
-        async with connect(service.ws_url, extra_headers=headers) as conn:
+        async with dispatcher(service.ws_url, DISPATCHER_TOKEN) as client:
             for n, usd in enumerate(["0.12", "0.1"]):
-                await conn.cost(f"live-{n}", usd, model="haiku")
+                await client.record(f"live-{n}", usd, model="haiku")
                 await trio.sleep(0.3)
         after = """JSON.stringify({
           spend: document.getElementById("spend").textContent,

@@ -27,7 +27,7 @@ from budget_actor.core.cost import Cost
 from budget_actor.core.records import JournalEntry, Snapshot
 from budget_actor.stores.open import open_store
 
-from ._client import Launcher, connect, run_cli, wait_row
+from ._client import Launcher, dispatcher, run_cli, wait_row
 
 T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
 DAY = "2026-12-01"
@@ -275,12 +275,12 @@ async def test_report_while_the_service_runs(database_url: str, tmp_path: Path) 
     launcher = Launcher(tmp_path)
     try:
         service = await launcher.start(database_url, "--daily-cap", "3.00", "--persist-every", "1")
-        async with connect(service.ws_url) as conn:
-            await conn.cost("r-1", "0.1", model="haiku", agent="writer")
-            await conn.cost("r-2", "0.2", model="haiku", agent="writer")
-            await conn.send({"type": "cycle"})  # writes the budget patch
-            health = await conn.health()
-        await wait_row(database_url, "budget", f"budget_{health['day']}")
+        async with dispatcher(service.ws_url) as client:
+            await client.record("r-1", "0.1", model="haiku", agent="writer")
+            await client.record("r-2", "0.2", model="haiku", agent="writer")
+            await client.cycle()  # writes the budget patch
+            health = await client.health()
+        await wait_row(database_url, "budget", f"budget_{health.day}")
         done = await run_cli(
             "report", "--database", database_url, "--days", "1", "--format", "json"
         )

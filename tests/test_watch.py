@@ -14,7 +14,15 @@ import trio
 
 from budget_actor.cli.watch import State, apply, bar, plain_lines, render
 
-from ._client import Launcher, Service, child_env, command, connect, free_closed_port, run_cli
+from ._client import (
+    Launcher,
+    Service,
+    child_env,
+    command,
+    dispatcher,
+    free_closed_port,
+    run_cli,
+)
 
 T0 = datetime(2026, 12, 1, 12, 0, 0)
 URL = "ws://127.0.0.1:8765/ws"
@@ -263,9 +271,9 @@ async def test_watch_follows_spend_burn_and_alerts_as_plain_lines(
     try:
         await watch.expect(r"^\d\d:\d\d:\d\d connected to ws://")
         await watch.expect(r"spend \$0 of \$1\.00 \(0\.0%\), 0 dispatches")
-        async with connect(service.ws_url) as conn:
-            await conn.cost("w-1", "0.35", model="m")
-            await conn.cost("w-2", "0.25", model="m")
+        async with dispatcher(service.ws_url) as client:
+            await client.record("w-1", "0.35", model="m")
+            await client.record("w-2", "0.25", model="m")
         alert = await watch.expect(r"ALERT")
         assert "ALERT 50% of the cap reached on 20" in alert and "$0.60 of $1.00" in alert
         # Burn rate and projection arrive with the next health answer.
@@ -295,8 +303,8 @@ async def test_watch_reports_a_lost_service_and_reconnects(
         second = await _serve(launcher, sqlite_url, "--port", str(first.port))
         assert second.port == first.port
         await watch.expect(r"connected to ws://", timeout=25)
-        async with connect(second.ws_url) as conn:
-            await conn.cost("after", "0.1")
+        async with dispatcher(second.ws_url) as client:
+            await client.record("after", "0.1")
         await watch.expect(r"spend \$0\.1 of \$1\.00")
         assert await watch.interrupt() == 0
     finally:
@@ -305,8 +313,8 @@ async def test_watch_reports_a_lost_service_and_reconnects(
 
 async def test_watch_once_prints_one_frame(launcher: Launcher, sqlite_url: str) -> None:
     service = await _serve(launcher, sqlite_url)
-    async with connect(service.ws_url) as conn:
-        await conn.cost("o-1", "0.9")
+    async with dispatcher(service.ws_url) as client:
+        await client.record("o-1", "0.9")
     done = await run_cli("watch", "--once", "--url", service.ws_url)
     assert done.code == 0, done.stderr
     assert done.stderr == ""

@@ -2,8 +2,9 @@
 
 A real service (WebSocket server, actor, persister, alerter) runs on a
 temporary SQLite database. A simulated dispatcher sends costs and heartbeat
-cycles over the WebSocket; a simulated AG Lu subscribes and prints what it
-receives. The demo shows the spend climbing, the alert at 80%, the budget
+cycles over the WebSocket, and a simulated AG Lu subscribes and prints what it
+receives; both through the client library (:mod:`budget_actor.client`), as
+programs in other processes would. The demo shows the spend climbing, the alert at 80%, the budget
 patch in ``quilt_patches``, then restarts the service and shows the spend
 restored, with no second alert.
 """
@@ -16,12 +17,12 @@ import signal
 import tempfile
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
 
+from ..client import AlertNotice, BudgetClient, Receipt, Spend
 from ..core.config import make_config
+from ..core.money import to_wire
 from ..net.server import serve
 from ..runtime.service import open_budget
 from ..stores.open import open_store
@@ -54,10 +55,10 @@ async def run_demo(linger: float = 0) -> int:
             ws_url = f"ws://127.0.0.1:{port}/ws"
             _say("demo", f"service ready at {ws_url}")
             _say("demo", f"open http://127.0.0.1:{port}/ in a browser to watch it live")
-            alerts: list[dict[str, Any]] = []
+            alerts: list[AlertNotice] = []
             nursery.start_soon(_ag_lu, ws_url, alerts)
             await trio.sleep(0.2)
-            async with open_websocket_url(ws_url) as ws:
+            async with BudgetClient(ws_url) as client:
                 sent = 0
                 for cycle in range(1, 13):
                     for _ in range(COSTS_PER_CYCLE):
@@ -66,18 +67,18 @@ async def run_demo(linger: float = 0) -> int:
                         usd = (MODELS[model] * Decimal(rng.uniform(0.6, 1.4))).quantize(
                             Decimal("0.000001")
                         )
-                        ack = await _cost(ws, f"dispatch-{sent:03d}", usd, model)
+                        ack = await _cost(client, f"dispatch-{sent:03d}", usd, model)
                         _say(
                             "dispatcher",
-                            f"cost {ack['dispatch_id']} ${usd} ({model}) -> ack seq {ack['seq']}",
+                            f"cost {ack.dispatch_id} ${usd} ({model}) -> ack seq {ack.seq}",
                         )
                         await trio.sleep(PACE_S)
-                    await ws.send_message(json.dumps({"type": "cycle"}))
+                    await client.cycle()
                     _say("dispatcher", f"heartbeat cycle {cycle}")
-                ack = await _cost(ws, "dispatch-001", Decimal("0.3150"), "gpt-4o")
+                ack = await _cost(client, "dispatch-001", Decimal("0.3150"), "gpt-4o")
                 _say(
                     "dispatcher",
-                    f"resent dispatch-001 -> ack duplicate={ack['duplicate']} (not counted twice)",
+                    f"resent dispatch-001 -> ack duplicate={ack.duplicate} (not counted twice)",
                 )
                 await trio.sleep(0.3)
             health = await budget.health()
@@ -94,12 +95,14 @@ async def run_demo(linger: float = 0) -> int:
             except OSError:
                 port = await nursery.start(serve, budget, "127.0.0.1", 0)
             ws_url = f"ws://127.0.0.1:{port}/ws"
-            again: list[dict[str, Any]] = []
+            again: list[AlertNotice] = []
             nursery.start_soon(_ag_lu, ws_url, again)
             await trio.sleep(0.2)
-            async with open_websocket_url(ws_url) as ws:
-                ack = await _cost(ws, "dispatch-after-restart", Decimal("0.0500"), "claude-haiku")
-                _say("dispatcher", f"cost dispatch-after-restart $0.0500 -> ack seq {ack['seq']}")
+            async with BudgetClient(ws_url) as client:
+                ack = await _cost(
+                    client, "dispatch-after-restart", Decimal("0.0500"), "claude-haiku"
+                )
+                _say("dispatcher", f"cost dispatch-after-restart $0.0500 -> ack seq {ack.seq}")
             await trio.sleep(0.3)
             health = await budget.health()
             _say(
@@ -123,38 +126,27 @@ async def run_demo(linger: float = 0) -> int:
     return 0
 
 
-async def _cost(
-    ws: WebSocketConnection, dispatch_id: str, usd: Decimal, model: str
-) -> dict[str, Any]:
-    await ws.send_message(
-        json.dumps({"type": "cost", "dispatch_id": dispatch_id, "usd": str(usd), "model": model})
-    )
-    while True:
-        message: dict[str, Any] = json.loads(await ws.get_message())
-        if message["type"] == "ack":
-            return message
-        if message["type"] == "error":
-            raise RuntimeError(f"service refused a demo cost: {message}")
+async def _cost(client: BudgetClient, dispatch_id: str, usd: Decimal, model: str) -> Receipt:
+    # record: returns the ack, once the cost is durable.
+    return await client.record(dispatch_id, usd, model=model)
 
 
-async def _ag_lu(ws_url: str, alerts: list[dict[str, Any]]) -> None:
-    async with open_websocket_url(ws_url) as ws:
-        await ws.send_message(json.dumps({"type": "subscribe"}))
-        while True:
-            message = json.loads(await ws.get_message())
-            if message["type"] == "spend":
-                bar = "#" * int(message["utilization"] * 40)
+async def _ag_lu(ws_url: str, alerts: list[AlertNotice]) -> None:
+    async with BudgetClient(ws_url) as client:
+        async for update in client.subscribe():
+            if isinstance(update, Spend):
+                bar = "#" * int(update.utilization * 40)
                 _say(
                     "AG Lu",
-                    f"spend ${message['daily_spend']:<10} of ${message['daily_cap']}"
-                    f" {message['utilization']:6.1%} |{bar:<40}|",
+                    f"spend ${to_wire(update.daily_spend):<10} of ${to_wire(update.daily_cap)}"
+                    f" {update.utilization:6.1%} |{bar:<40}|",
                 )
-            elif message["type"] == "alert":
-                alerts.append(message)
+            else:
+                alerts.append(update)
                 _say(
                     "AG Lu",
-                    f"*** ALERT for {message['to']}: {message['threshold']:.0%} of the daily cap"
-                    f" reached: ${message['daily_spend']} of ${message['daily_cap']} ***",
+                    f"*** ALERT for {update.to}: {update.threshold:.0%} of the daily cap"
+                    f" reached: ${to_wire(update.daily_spend)} of ${to_wire(update.daily_cap)} ***",
                 )
 
 

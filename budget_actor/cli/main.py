@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any, NoReturn
 
+import msgspec
 import trio
 
+from ..client import BudgetClient, ClientError, ServiceUnavailable
 from ..core.access import (
     DEFAULT_DISPATCHER_SLOTS,
     DEFAULT_MAX_PER_ADDRESS,
@@ -33,6 +35,7 @@ from ..core.access import (
 )
 from ..core.config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
 from ..core.webhook import parse_webhook_url
+from ..core.wire import encode
 from ..net.server import ServerOptions, serve
 from ..runtime.service import open_budget
 from ..runtime.supervisor import Escalation
@@ -46,6 +49,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+# `status` waits this long for the connection and the answer.
+STATUS_TIMEOUT_S = 10.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -547,10 +552,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
         health = trio.run(_fetch_health, args.url, args.token, args.cafile)
-    except (OSError, trio.TooSlowError, ValueError) as exc:
+    except ServiceUnavailable as exc:
+        return _fail(str(exc))
+    except (ClientError, ValueError, OSError) as exc:
         return _fail(f"cannot reach {args.url}: {exc}")
-    except Exception as exc:  # trio-websocket handshake errors and friends
-        return _fail(f"cannot reach {args.url}: {type(exc).__name__}: {exc}")
     if args.json:
         print(json.dumps(health, indent=2))
     else:
@@ -563,8 +568,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from trio_websocket import HandshakeError
-
     from . import watch as _watch
 
     if not args.url.startswith(("ws://", "wss://")):
@@ -590,11 +593,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         )
     except _watch.Refused as exc:
         return _fail(str(exc))
-    except (OSError, HandshakeError, trio.TooSlowError, ValueError) as exc:
+    except ServiceUnavailable as exc:
+        return _fail(str(exc))
+    except (OSError, ClientError, ValueError) as exc:
         if isinstance(exc, BrokenPipeError):  # e.g. `watch | head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_OK
-        return _fail(f"cannot reach {args.url}: {_watch.describe(exc)}")
+        return _fail(f"cannot reach {args.url}: {exc}")
     except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
         return EXIT_OK
 
@@ -638,19 +643,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 async def _fetch_health(url: str, token: str, cafile: str | None) -> dict[str, Any]:
-    from trio_websocket import open_websocket_url
-
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+    """The service's health as its JSON object (the wire form), through the
+    client library; one attempt, no retries. Raises a ClientError."""
     context = ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
-    with trio.fail_after(10):
-        async with open_websocket_url(url, ssl_context=context, extra_headers=headers) as ws:
-            await ws.send_message(json.dumps({"type": "health", "id": "status"}))
-            while True:
-                message = json.loads(await ws.get_message())
-                if message.get("type") == "health":
-                    message.pop("id", None)
-                    result: dict[str, Any] = message
-                    return result
+    client = BudgetClient(
+        url, token or None, ssl_context=context, timeout=STATUS_TIMEOUT_S, reconnect=False
+    )
+    async with client:
+        health = await client.health()
+    shown: dict[str, Any] = json.loads(encode(msgspec.structs.replace(health, id=None)))
+    return shown
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """``budget-actor watch``: a live terminal view of a running service.
 
-One WebSocket: ``subscribe`` for the spend pushes and alerts, and a ``health``
-question every ``interval`` seconds for the burn rate, the projection and the
-alert thresholds. If the service goes away, the view says so and reconnects
-with exponential backoff.
+One connection through the client library (:class:`BudgetClient`): its
+subscription for the spend pushes and alerts, and a ``health`` question every
+``interval`` seconds for the burn rate, the projection and the alert
+thresholds. If the service goes away, the view says so; the client reconnects
+with jittered backoff and subscribes again by itself.
 
 Everything shown is a pure function of a :class:`State`:
 
@@ -13,7 +14,8 @@ Everything shown is a pure function of a :class:`State`:
   output is not a terminal (one line per change, no escape sequences).
 
 The I/O around them (:func:`run`, :func:`once`) only connects, feeds messages
-in and prints what those functions return.
+in (the client's typed updates, as their JSON objects) and prints what those
+functions return.
 """
 
 from __future__ import annotations
@@ -23,34 +25,32 @@ import shutil
 import signal
 import ssl
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Literal, TextIO
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
 
+from ..client import (
+    AlertNotice,
+    BudgetClient,
+    ConnectionStatus,
+    Forbidden,
+    Health,
+    ServiceUnavailable,
+    Spend,
+    Unauthorized,
+)
 from ..core.money import to_wire
+from ..core.wire import encode
 
 Connection = Literal["connecting", "connected", "disconnected"]
 
 # Alerts kept on screen (the newest).
 MAX_ALERTS = 8
-# Reconnect backoff: doubles from the minimum up to the maximum, and starts
-# over after a connection that worked.
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 15.0
 # Redraw at most this often, however fast the spend pushes come.
 PAINT_MIN_S = 0.1
-CONNECT_TIMEOUT_S = 5.0
 # `--once` gives up after this long.
 ONCE_TIMEOUT_S = 10.0
 
@@ -357,104 +357,46 @@ def _now() -> datetime:
     return datetime.now().astimezone()
 
 
-def describe(exc: BaseException) -> str:
-    """A short reason for a lost or failed connection."""
-    if isinstance(exc, ConnectionRejected):
-        return f"refused with HTTP {exc.status_code}"
-    if isinstance(exc, ConnectionClosed):
-        reason = exc.reason
-        if reason is None:
-            return "connection closed"
-        text = f"closed by the service ({reason.code}"
-        return text + (f" {reason.reason})" if reason.reason else ")")
-    if isinstance(exc, trio.TooSlowError):
-        return "the service stopped answering"
-    if isinstance(exc, HandshakeError):
-        if isinstance(exc.__cause__, OSError):
-            return describe(exc.__cause__)
-        return "handshake timed out" if type(exc).__name__ == "ConnectionTimeout" else "no answer"
-    if isinstance(exc, OSError):
-        # trio's "all attempts to connect ... failed" hides the reason (e.g.
-        # connection refused) in its cause, a group of one error per address.
-        cause = exc.__cause__
-        if not exc.strerror and isinstance(cause, BaseExceptionGroup):
-            inner = cause.exceptions[0]
-            if isinstance(inner, OSError) and inner.strerror:
-                return inner.strerror
-        return exc.strerror or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"
+def _context(url: str, cafile: str | None) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
 
 
-_NETWORK = (
-    OSError,
-    HandshakeError,
-    ConnectionClosed,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-)
+def _message(update: Spend | AlertNotice | Health) -> dict[str, Any]:
+    """A typed update from the client as the protocol's JSON object, the
+    form :func:`apply` reads."""
+    message: dict[str, Any] = json.loads(encode(update))
+    return message
 
 
-def _network_error(exc: BaseException) -> BaseException | None:
-    """The first network error in ``exc`` if it is nothing but network errors
-    (and cancellations), looking inside exception groups; otherwise None."""
-    if isinstance(exc, BaseExceptionGroup):
-        found = None
-        for inner in exc.exceptions:
-            if isinstance(inner, trio.Cancelled):
-                continue
-            error = _network_error(inner)
-            if error is None:
-                return None
-            found = found or error
-        return found
-    return exc if isinstance(exc, _NETWORK) else None
-
-
-@asynccontextmanager
-async def _connect(url: str, token: str, cafile: str | None) -> AsyncIterator[WebSocketConnection]:
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
-    context = ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
-    async with open_websocket_url(
-        url,
-        ssl_context=context,
-        extra_headers=headers,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        disconnect_timeout=2,
-    ) as ws:
-        yield ws
-
-
-def _check_refused(exc: BaseException) -> None:
-    if isinstance(exc, ConnectionRejected) and exc.status_code in (401, 403):
-        raise Refused(
-            f"the service refused the connection (HTTP {exc.status_code}):"
-            " give an observer token with --token or BUDGET_TOKEN"
-        ) from None
+def _refused(exc: Unauthorized | Forbidden) -> Refused:
+    return Refused(f"{exc}: give an observer token with --token or BUDGET_TOKEN")
 
 
 async def once(url: str, token: str = "", cafile: str | None = None) -> State:
     """Connect, take one spend and one health reading, and return the state.
 
-    Raises :class:`Refused`, or a network error (``OSError``, trio-websocket's
-    ``HandshakeError``, ``trio.TooSlowError``) if the service cannot be reached.
+    Raises :class:`Refused` for a refused token, and
+    :class:`~budget_actor.client.ServiceUnavailable` (saying why) if the
+    service cannot be reached within ``ONCE_TIMEOUT_S``.
     """
-    state = State(url=url, now=_now())
+    state = State(url=url, now=_now(), connection="connected")
+    client = BudgetClient(
+        url,
+        token or None,
+        ssl_context=_context(url, cafile),
+        timeout=ONCE_TIMEOUT_S,
+        reconnect=False,
+    )
     try:
         with trio.fail_after(ONCE_TIMEOUT_S):
-            async with _connect(url, token, cafile) as ws:
-                state = replace(state, connection="connected")
-                await ws.send_message(json.dumps({"type": "subscribe"}))
-                await ws.send_message(json.dumps({"type": "health", "id": "watch"}))
-                have: set[Any] = set()
-                while not {"spend", "health"} <= have:
-                    message = json.loads(await ws.get_message())
-                    if isinstance(message, dict):
-                        have.add(message.get("type"))
-                        state = apply(state, message, _now())
-    except HandshakeError as exc:
-        _check_refused(exc)
-        raise
+            async with client:
+                first = await client.subscribe().__anext__()  # the current spend
+                state = apply(state, _message(first), _now())
+                state = apply(state, _message(await client.health()), _now())
+    except (Unauthorized, Forbidden) as exc:
+        raise _refused(exc) from None
+    except trio.TooSlowError:
+        raise ServiceUnavailable(f"cannot reach {url}: no answer") from None
     return state
 
 
@@ -545,46 +487,39 @@ async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) 
 
 
 async def _follow(url: str, token: str, cafile: str | None, view: _View, interval: float) -> None:
-    backoff = BACKOFF_MIN_S
-    attempt = 0
+    def connection(status: ConnectionStatus) -> None:
+        if status.state == "connected":
+            view.update(connection="connected", detail="", attempt=0, retry_in=None)
+        elif status.state == "connecting":
+            view.update(connection="connecting", attempt=status.attempt, retry_in=None)
+        else:
+            view.update(connection="disconnected", detail=status.detail, retry_in=status.retry_in)
+
+    client = BudgetClient(
+        url,
+        token or None,
+        ssl_context=_context(url, cafile),
+        timeout=interval * 3 + 5,
+        on_connection=connection,
+    )
+    try:
+        async with client, trio.open_nursery() as nursery:
+            nursery.start_soon(_ask_health, client, view, interval)
+            # The client subscribes again after every reconnect, starting
+            # with the current spend.
+            async for update in client.subscribe():
+                view.set(apply(view.state, _message(update), _now()))
+    except* (Unauthorized, Forbidden) as group:
+        first = group.exceptions[0]
+        assert isinstance(first, Unauthorized | Forbidden)
+        raise _refused(first) from None
+
+
+async def _ask_health(client: BudgetClient, view: _View, interval: float) -> None:
     while True:
-        attempt += 1
-        view.update(connection="connecting", attempt=attempt, retry_in=None)
         try:
-            async with _connect(url, token, cafile) as ws:
-                backoff, attempt = BACKOFF_MIN_S, 0
-                view.update(connection="connected", detail="", attempt=0)
-                await _session(ws, view, interval)
-            reason = "connection closed"
-        except Exception as exc:
-            error = _network_error(exc)
-            if error is None:
-                raise
-            _check_refused(error)
-            reason = describe(error)
-        view.update(connection="disconnected", detail=reason, retry_in=backoff)
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, BACKOFF_MAX_S)
-
-
-async def _session(ws: WebSocketConnection, view: _View, interval: float) -> None:
-    await ws.send_message(json.dumps({"type": "subscribe"}))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_ask_health, ws, interval)
-        # A live service answers `health` every interval: silence for much
-        # longer means it is gone (a half-open TCP connection says nothing).
-        while True:
-            with trio.fail_after(interval * 3 + 5):
-                raw = await ws.get_message()
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
-                view.set(apply(view.state, message, _now()))
-
-
-async def _ask_health(ws: WebSocketConnection, interval: float) -> None:
-    while True:
-        await ws.send_message(json.dumps({"type": "health", "id": "watch"}))
+            health = await client.health()
+        except ServiceUnavailable:
+            continue  # disconnected: the view says so already; ask again
+        view.set(apply(view.state, _message(health), _now()))
         await trio.sleep(interval)

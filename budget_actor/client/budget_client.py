@@ -225,6 +225,9 @@ class BudgetClient:
     on the connection. ``timeout`` bounds :meth:`health`, :meth:`admit` and
     :meth:`cycle`. ``on_connection`` is called (synchronously) with a
     :class:`ConnectionStatus` whenever the connection changes.
+    ``reconnect=False`` is for one-shot tools: the first failed or lost
+    connection stops the client, and every call raises
+    :class:`ServiceUnavailable` with the reason.
 
     The client connects in the background when the block is entered; the
     service need not be up. Leaving the block stops it: costs not yet
@@ -248,6 +251,7 @@ class BudgetClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         headers: Sequence[tuple[str, str]] = (),
         on_connection: Callable[[ConnectionStatus], None] | None = None,
+        reconnect: bool = True,
     ) -> None:
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
@@ -266,6 +270,7 @@ class BudgetClient:
         self._headers = tuple(headers)
         self._max_frame_bytes = max_frame_bytes
         self._on_connection = on_connection
+        self._reconnect = reconnect
         self._outbox = Outbox(outbox) if outbox is not None else None
         self._orders = itertools.count(1)
         self._ids = itertools.count(1)
@@ -606,6 +611,10 @@ class BudgetClient:
                 reason = session.reason
                 if session.worked:
                     backoff, attempt = BACKOFF_MIN_S, 0
+            if not self._reconnect:
+                self._status(ConnectionStatus("disconnected", reason, None, attempt))
+                self._stop(ServiceUnavailable(f"cannot reach {self.url}: {reason}"))
+                return
             delay = max(delay_floor, backoff * random.uniform(0.5, 1.0))
             self._status(ConnectionStatus("disconnected", reason, delay, attempt))
             log.info("connection to %s lost (%s); retrying in %.2fs", self.url, reason, delay)
@@ -879,7 +888,7 @@ class BudgetClient:
     def _refuse(self, item: _Item, code: str, detail: str) -> None:
         if self._unresolved.pop(item.order, None) is None:
             return
-        log.error("the service refused cost %r for good: %s: %s", item.dispatch_id, code, detail)
+        log.warning("the service refused cost %r for good: %s: %s", item.dispatch_id, code, detail)
         item.refused = (code, detail)
         if item.row is not None:
             self._to_refuse.append((item.row, item.body, code, detail))
@@ -1010,7 +1019,7 @@ class BudgetClient:
 
     def _stop(self, error: ClientError) -> None:
         """A refusal no retry can change: every call raises ``error`` now."""
-        log.error("%s", error)
+        log.info("client stops: %s", error)
         self._fatal = error
         self._wake_everyone()
 
