@@ -438,11 +438,6 @@ class Ledger:
         failure (they wait in the spill file)."""
         return not self._store_ok or self._catching_up
 
-    @property
-    def total_spend(self) -> Decimal:
-        """The day's spend: global when shared (own + others as last synced)."""
-        return self._today.total
-
     def spend(self) -> Spend:
         today = self._today
         cap = self.config.daily_cap
