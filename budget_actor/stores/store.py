@@ -3,11 +3,16 @@
 One small, synchronous interface (:class:`Store`) with two implementations,
 SQLite (the embedded default) and PostgreSQL (production). Every method blocks,
 so the service calls them only from a worker thread via
-``trio.to_thread.run_sync`` under one ``CapacityLimiter`` (see
-:mod:`budget_actor.runtime.persister`); psycopg's async API is asyncio-only.
+``trio.to_thread.run_sync``, one call at a time per connection (each handle
+has its ``CapacityLimiter``; see :mod:`budget_actor.runtime.persister`);
+psycopg's async API is asyncio-only.
 
-Only the persister writes. A failed call raises :class:`StoreError` and drops
-the connection, so the next call reconnects: that is how an outage ends.
+Only the persister writes the journal, patches and nudges. Children that
+must not wait behind it use a handle of their own (:meth:`Store.companion`):
+the webhook child (which updates only ``budget_webhooks``), the history
+reader (reads only) and, on PostgreSQL, the coordinator (reservations). A
+failed call raises :class:`StoreError` and drops the connection, so the
+next call reconnects: that is how an outage ends.
 
 Tables:
 
@@ -15,6 +20,7 @@ Tables:
   missing and only ever upserts rows named ``budget_*`` / ``budget_alert_*``).
 * ``budget_journal``: one row per accepted cost, keyed by ``seq``, with
   ``(day, dispatch_id)`` unique, so that a replayed write can never count twice.
+* ``budget_webhooks``: the alert webhook deliveries (see "alert webhooks" below).
 """
 
 from __future__ import annotations
