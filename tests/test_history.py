@@ -223,3 +223,22 @@ async def test_get_history_needs_an_observer_token_and_a_good_days(sqlite_url: s
         status, body = await _get(port, "/history?days=2", bearer, method="HEAD")
         assert (status, body) == (200, b"")
         nursery.cancel_scope.cancel()
+
+
+def test_a_curve_being_replaced_is_read_whole_meanwhile() -> None:
+    # PostgreSQL replaces the curve in a worker thread while another
+    # request of the page may read it on the event loop: that reader sees
+    # the old curve or the new one, never half of the new one.
+    t = datetime(2026, 12, 10, 9, 0, 5, tzinfo=UTC)
+    curve = Curve("2026-12-10")
+    curve.replace([(t, Decimal("0.1")), (t + timedelta(minutes=1), Decimal("0.2"))])
+    seen = []
+
+    def minutes() -> Any:
+        for n in range(3):
+            yield t + timedelta(minutes=n), Decimal("1")
+            seen.append([p.daily_spend for p in curve.points()])
+
+    curve.replace(minutes())
+    assert seen[:2] == [[Decimal("0.1"), Decimal("0.3")]] * 2
+    assert [p.daily_spend for p in curve.points()] == [Decimal(1), Decimal(2), Decimal(3)]

@@ -131,10 +131,16 @@ class Curve:
 
     def replace(self, minutes: Iterable[tuple[datetime, Decimal]]) -> None:
         """Start over from per-minute totals (time of the minute's last
-        cost, its spend), as a store that sums them itself returns them."""
-        self._minutes = {}
+        cost, its spend), as a store that sums them itself returns them.
+
+        The new minutes replace the old ones at once, when all are read:
+        this runs in a worker thread, and another request may read
+        :meth:`points` meanwhile (it gets the old curve, never half of the
+        new one)."""
+        fresh: dict[datetime, tuple[datetime, Decimal]] = {}
         for last, usd in minutes:
-            self._minutes[last.replace(second=0, microsecond=0)] = (last, usd)
+            fresh[last.replace(second=0, microsecond=0)] = (last, usd)
+        self._minutes = fresh
 
     def points(self) -> list[HistoryPoint]:
         """The cumulative spend after each minute with costs, in time order."""
