@@ -20,14 +20,16 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "budget_actor", "tests", "bench", "noxfile.py")
-    session.run("ruff", "format", "--check", "budget_actor", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "budget_actor", "tests", "bench", "examples", "noxfile.py")
+    session.run(
+        "ruff", "format", "--check", "budget_actor", "tests", "bench", "examples", "noxfile.py"
+    )
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".", "mypy")
-    session.run("mypy", "--strict", "budget_actor")
+    session.run("mypy", "--strict", "budget_actor", "examples")
 
 
 @nox.session
