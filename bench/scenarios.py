@@ -5,12 +5,13 @@ stay under 4 minutes on a 2-core machine) and returns its figures as
 :class:`~bench.rows.Row` objects. To add one, write ``def name() -> list[Row]``
 and add it to the registry. ``ingest`` is here; the others are in their own
 modules: ``_durable`` (durable, naive), ``_ws_ingest``, ``_fanout``,
-``_restore``, ``_shared``, ``_shared_admit``; what they share is in ``_support``. ``ws_echo.py`` and
+``_restore``, ``_shared``, ``_shared_admit``, ``_ws_batch`` (ws-batch, client); what they
+share is in ``_support``. ``ws_echo.py`` and
 ``fanout_subscribers.py`` are scripts that scenarios run as child processes.
 
 Time budget per scenario on the reference machine: ingest ≤ 25 s, durable
 ≤ 40 s, naive ≤ 15 s, ws-ingest ≤ 25 s, fanout ≤ 45 s, restore ≤ 20 s,
-shared ≤ 45 s, shared-admit ≤ 10 s.
+shared ≤ 45 s, shared-admit ≤ 10 s, ws-batch ≤ 20 s, client ≤ 30 s.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ._fanout import fanout
 from ._restore import restore
 from ._shared import shared
 from ._shared_admit import shared_admit
+from ._ws_batch import client, ws_batch
 from ._ws_ingest import ws_ingest
 from .rows import Row, median
 
@@ -211,6 +213,8 @@ SCENARIOS: dict[str, Scenario] = {
     "durable": durable,
     "naive": naive,
     "ws-ingest": ws_ingest,
+    "ws-batch": ws_batch,
+    "client": client,
     "fanout": fanout,
     "restore": restore,
     "shared": shared,

@@ -61,9 +61,20 @@ _CostItem = msgspec.defstruct("_CostItem", _as_sent(Cost), forbid_unknown_fields
 MAX_BATCH_ITEMS = 1000
 
 
-class _CostsFrame(_Request, tag="costs"):
-    # Raw: each item is decoded on its own, so that an error can name it.
-    costs: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+# Its items are decoded in one go (msgspec, in C); an item that fails is
+# found again by _refused_item, which decodes the items one by one to name it.
+# (_CostItem is built at runtime, which mypy cannot follow into a type.)
+_ITEMS: Any = Annotated[
+    list[_CostItem],  # type: ignore[valid-type]
+    msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS),
+]
+_CostsFrame: Any = msgspec.defstruct(
+    "_CostsFrame", [("costs", _ITEMS)], bases=(_Request,), tag="costs"
+)
+
+
+class _RawCosts(msgspec.Struct):
+    costs: list[msgspec.Raw]
 
 
 class CostsRequest(msgspec.Struct, frozen=True):
@@ -120,6 +131,7 @@ _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
     SubscribeRequest | _CostFrame | _CostsFrame | CycleRequest | HealthRequest | _AdmitFrame
 )
 _item_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_CostItem)
+_raw_costs_decoder = msgspec.json.Decoder(_RawCosts)
 _encoder = msgspec.json.Encoder()
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z_]+)[^`]*`")
 _AMOUNT_FIELDS = {"usd", "estimate_usd"}
@@ -140,6 +152,8 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         request = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
         text = str(exc)
+        if "- at `$.costs[" in text:
+            _refused_item(frame, max_cost)
         match = _AT_PATH.search(text)
         field = match.group(1) if match else None
         if field in _AMOUNT_FIELDS:
@@ -151,6 +165,8 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         raise WireError("invalid_message", f"frame is not valid JSON: {exc}") from None
     except RecursionError:
         field = _deep_field(frame)
+        if field == "costs":
+            _refused_item(frame, max_cost)
         where = f"`{field}`: " if field else ""
         code: ErrorCode = "invalid_cost" if field in _AMOUNT_FIELDS else "invalid_message"
         raise WireError(code, f"{where}JSON is nested too deeply") from None
@@ -158,7 +174,7 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         if isinstance(request, _CostFrame):
             return make_cost(**msgspec.structs.asdict(request), max_cost=max_cost)
         if isinstance(request, _CostsFrame):
-            return CostsRequest([_item(raw, i, max_cost) for i, raw in enumerate(request.costs)])
+            return CostsRequest(_costs(request.costs, max_cost))
         if isinstance(request, _AdmitFrame):
             return AdmitRequest(
                 check_dispatch_id(request.dispatch_id),
@@ -168,6 +184,39 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         raise WireError(exc.code, exc.detail) from None
     result: Request = request
     return result
+
+
+def _costs(items: list[Any], max_cost: Decimal) -> list[Cost]:
+    """The decoded items of a ``costs`` frame, each through :func:`make_cost`."""
+    costs = []
+    for index, c in enumerate(items):
+        try:
+            costs.append(
+                make_cost(
+                    c.dispatch_id,
+                    c.usd,
+                    c.model,
+                    c.input_tokens,
+                    c.output_tokens,
+                    c.agent,
+                    max_cost=max_cost,
+                )
+            )
+        except InvalidCost as exc:
+            raise WireError("invalid_cost", f"costs[{index}]: {exc.detail}") from None
+    return costs
+
+
+def _refused_item(frame: str, max_cost: Decimal) -> None:
+    """Raise the error of the first item of a ``costs`` frame that fails,
+    decoding the items one by one; return if none does (the frame is wrong
+    elsewhere)."""
+    try:
+        raw = _raw_costs_decoder.decode(frame)
+    except (msgspec.DecodeError, RecursionError):
+        return
+    for index, item in enumerate(raw.costs):
+        _item(item, index, max_cost)
 
 
 def _item(raw: msgspec.Raw | bytes, index: int | None, max_cost: Decimal) -> Cost:
