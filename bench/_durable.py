@@ -8,6 +8,7 @@ import gc
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,8 +36,16 @@ USD = Decimal("0.000001")
 DURABLE_ROUNDS = 3
 DURABLE_ROUND_S = 4.0
 DURABLE_WARMUP_S = 1.0
-DURABLE_TARGET = 20_000.0
 DURABLE_P99_MS = 50.0
+# Durable ingest against what the store itself takes in bulk (issue 12).
+DURABLE_TARGET_RATIO = 0.4
+
+# The store's raw bulk-insert rate, measured in the same run: BULK_ROWS rows
+# into the service's own budget_journal (same indexes), BULK_BATCH per
+# transaction (the persister's largest group commit), rows prepared before
+# the clock starts. SQLite: executemany of tuples; PostgreSQL: COPY of text.
+BULK_ROWS = 200_000
+BULK_BATCH = 5_000
 
 # One commit per cost: ~1,000-2,000/s, so 1.5 s rounds hold 1,500-3,000 calls.
 NAIVE_ROUNDS = 3
@@ -145,6 +154,89 @@ def _latency_rows(
     ]
 
 
+_COLUMNS = "seq, day, dispatch_id, usd, recorded_at, model, agent, input_tokens, output_tokens"
+
+
+def _bulk_rows(day: str, now: datetime) -> list[tuple[Any, ...]]:
+    usd = str(USD)
+    return [
+        (seq, day, f"bulk-{seq:07d}", usd, now, None, None, None, None)
+        for seq in range(1, BULK_ROWS + 1)
+    ]
+
+
+def _bulk_sqlite(tmp: Path) -> float:
+    path = tmp / "bulk.db"
+    store = open_store(f"sqlite:///{path}")
+    store.open()  # the service's tables and indexes
+    store.close()
+    now = datetime.now(UTC)
+    rows = [(*r[:4], iso_utc(now), *r[5:]) for r in _bulk_rows(now.date().isoformat(), now)]
+    chunks = [rows[i : i + BULK_BATCH] for i in range(0, len(rows), BULK_BATCH)]
+    insert = f"INSERT INTO budget_journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        gc.collect()
+        start = time.perf_counter()
+        for chunk in chunks:
+            conn.execute("BEGIN")
+            conn.executemany(insert, chunk)
+            conn.execute("COMMIT")
+        return BULK_ROWS / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+def _bulk_postgres() -> float:
+    with pg_schema() as url:
+        store = open_store(url)
+        store.open()
+        store.close()
+        now = datetime.now(UTC)
+        stamp = now.isoformat()
+        chunks = []
+        rows = _bulk_rows(now.date().isoformat(), now)
+        for i in range(0, len(rows), BULK_BATCH):
+            chunks.append(
+                "".join(
+                    f"{seq}\t{day}\t{dispatch_id}\t{usd}\t{stamp}\t\\N\t\\N\t\\N\t\\N\n"
+                    for seq, day, dispatch_id, usd, *_ in rows[i : i + BULK_BATCH]
+                ).encode()
+            )
+        with psycopg.connect(url) as conn:
+            gc.collect()
+            start = time.perf_counter()
+            for chunk in chunks:
+                with (
+                    conn.cursor() as cur,
+                    cur.copy(f"COPY budget_journal ({_COLUMNS}) FROM STDIN") as copy,
+                ):
+                    copy.write(chunk)
+                conn.commit()
+            return BULK_ROWS / (time.perf_counter() - start)
+
+
+def _bulk_row(store_kind: str, rate: float) -> Row:
+    how = (
+        "sqlite3 executemany of prepared tuples, WAL, synchronous=FULL"
+        if store_kind == "sqlite"
+        else "COPY FROM STDIN of prepared text, default synchronous_commit=on"
+    )
+    return Row(
+        scenario="durable",
+        figure=f"{store_kind}: raw bulk insert into the journal (the limit)",
+        value=rate,
+        unit="rows/s",
+        note=(
+            f"{BULK_ROWS:,} rows into a fresh budget_journal with the service's indexes, "
+            f"{BULK_BATCH:,} per transaction ({how}); the rows are built before the clock "
+            "starts, and nothing else runs: what the store takes at most, measured in this run."
+        ),
+    )
+
+
 def durable() -> list[Row]:
     """Costs/s acknowledged once durable (``await record()``), 256 tasks, SQLite and PostgreSQL."""
     rows: list[Row] = []
@@ -174,7 +266,6 @@ def durable() -> list[Row]:
                     figure=f"{store_kind}: record() from {SENDERS} tasks",
                     value=rate,
                     unit="costs/s",
-                    at_least=DURABLE_TARGET,
                     samples=tuple(data.rates),
                     note=(
                         f"median of {DURABLE_ROUNDS} rounds of {DURABLE_ROUND_S:.0f} s (after a "
@@ -190,6 +281,22 @@ def durable() -> list[Row]:
                 )
             )
             rows.extend(_latency_rows("durable", store_kind, data, DURABLE_P99_MS))
+            try:
+                bulk = _bulk_sqlite(Path(tmp)) if store_kind == "sqlite" else _bulk_postgres()
+            except psycopg.OperationalError as exc:
+                rows.append(pg_skipped("durable", exc))
+                continue
+            rows.append(_bulk_row(store_kind, bulk))
+            rows.append(
+                Row(
+                    scenario="durable",
+                    figure=f"{store_kind}: ratio durable/bulk insert",
+                    value=rate / bulk,
+                    unit="",
+                    at_least=DURABLE_TARGET_RATIO,
+                    note=f"record() costs/s ({rate:,.0f}) / raw bulk insert rows/s ({bulk:,.0f}).",
+                )
+            )
     return rows
 
 

@@ -5,13 +5,14 @@ stay under 4 minutes on a 2-core machine) and returns its figures as
 :class:`~bench.rows.Row` objects. To add one, write ``def name() -> list[Row]``
 and add it to the registry. ``ingest`` is here; the others are in their own
 modules: ``_durable`` (durable, naive), ``_ws_ingest``, ``_fanout``,
-``_restore``, ``_shared``, ``_shared_admit``, ``_ws_batch`` (ws-batch, client); what they
-share is in ``_support``. ``ws_echo.py`` and
+``_restore``, ``_shared``, ``_shared_admit``, ``_ws_batch`` (ws-batch, client),
+``_volume``; what they share is in ``_support``. ``ws_echo.py`` and
 ``fanout_subscribers.py`` are scripts that scenarios run as child processes.
 
 Time budget per scenario on the reference machine: ingest ≤ 25 s, durable
 ≤ 40 s, naive ≤ 15 s, ws-ingest ≤ 25 s, fanout ≤ 45 s, restore ≤ 20 s,
-shared ≤ 45 s, shared-admit ≤ 10 s, ws-batch ≤ 20 s, client ≤ 30 s.
+shared ≤ 45 s, shared-admit ≤ 10 s, ws-batch ≤ 20 s, client ≤ 30 s, volume
+≤ 150 s (it first writes a day of a million costs on each store).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ._fanout import fanout
 from ._restore import restore
 from ._shared import shared
 from ._shared_admit import shared_admit
+from ._volume import volume
 from ._ws_batch import client, ws_batch
 from ._ws_ingest import ws_ingest
 from .rows import Row, median
@@ -219,4 +221,5 @@ SCENARIOS: dict[str, Scenario] = {
     "restore": restore,
     "shared": shared,
     "shared-admit": shared_admit,
+    "volume": volume,
 }

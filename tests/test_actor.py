@@ -147,14 +147,19 @@ async def test_day_rolls_over_at_midnight_while_costs_flow(database_url: str) ->
     async with open_budget(config, database=database_url, clock=clock) as budget:
         before = Decimal(0)
         after = Decimal(0)
+        seqs: dict[str, int] = {}
         for i in range(120):  # one cost per second, across midnight
             day = (await budget.health()).day
             receipt = await budget.record(f"id{i % 50}", "0.09")
+            # Resends are duplicates on either side of midnight (the dedupe
+            # window is the day and the one before), with the original seq.
+            assert receipt.duplicate == (i >= 50)
+            assert receipt.seq == seqs.setdefault(receipt.dispatch_id, receipt.seq)
             if day == "2026-12-01":
-                assert not receipt.duplicate or i >= 50
                 before += 0 if receipt.duplicate else Decimal("0.09")
             else:
-                after += 0 if receipt.duplicate else Decimal("0.09")
+                assert not (await budget.record(f"new{i}", "0.01")).duplicate
+                after += Decimal("0.01")
             clock.advance(1)
         health = await budget.health()
         assert health.day == "2026-12-02"

@@ -13,7 +13,8 @@ from decimal import Decimal
 from .money import sub
 from .views import Admission
 
-ALREADY_COUNTED = "this dispatch_id was already counted today"
+COUNTED = "this dispatch_id was already counted"
+ALREADY_COUNTED = f"{COUNTED} today"
 
 
 def decide(
@@ -26,19 +27,21 @@ def decide(
     held: Decimal,
     counted: bool,
     scope: str = "",
+    counted_on: str | None = None,
 ) -> Admission:
     """Whether ``estimate`` may be reserved for ``dispatch_id``.
 
     ``spent`` is the day's spend, ``reserved`` every live reservation but this
     id's, ``held`` this id's own live reservation (0 if none), which a granted
     admission replaces and a refused one leaves as it was. ``counted``: the
-    id's cost is in the day already, so it is refused. ``scope`` ends the
+    id's cost is in the dedupe window already (today, or ``counted_on``, a
+    day next to it), so it is refused. ``scope`` ends the
     refusal's reason (e.g. ", all instances"). Pure; never raises.
     """
     available = max(sub(sub(cap, spent), reserved), Decimal(0))
     if counted or estimate > available:
         reason = (
-            ALREADY_COUNTED
+            (ALREADY_COUNTED if counted_on is None else f"{COUNTED} on {counted_on}")
             if counted
             else f"estimate {estimate} exceeds the remaining {available} (spend {spent}"
             f" + reserved {reserved} of cap {cap}{scope})"

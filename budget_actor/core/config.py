@@ -7,6 +7,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from .dedupe import DEFAULT_DEDUPE_CACHE
 from .money import DEFAULT_MAX_COST, InvalidAmount, parse_usd
 
 DEFAULT_ALERT_TO = "AG Lu"
@@ -19,6 +20,9 @@ DEFAULT_RESERVATION_TTL_S = 600.0
 # others' commit latency; 0.2 s keeps that well under the 1 s target for one
 # cheap indexed query per instance five times a second.
 DEFAULT_SYNC_INTERVAL_S = 0.2
+# Ten million ids would take about 1.3 GB: far past what a cache in front of
+# the store's unique keys is for.
+MAX_DEDUPE_CACHE = 10_000_000
 
 
 class ConfigError(ValueError):
@@ -40,6 +44,9 @@ class BudgetConfig(msgspec.Struct, frozen=True, kw_only=True):
     reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S
     # Shared budget (PostgreSQL): seconds between reads of the others' totals.
     sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S
+    # Recent dispatch ids kept in memory to answer duplicates at once; older
+    # ones are refused by the store's unique keys (see core/dedupe.py).
+    dedupe_cache: int = DEFAULT_DEDUPE_CACHE
 
     @property
     def zone(self) -> ZoneInfo:
@@ -57,6 +64,7 @@ def make_config(
     forecast_alert: bool = False,
     reservation_ttl_s: object = DEFAULT_RESERVATION_TTL_S,
     sync_interval_s: object = DEFAULT_SYNC_INTERVAL_S,
+    dedupe_cache: object = DEFAULT_DEDUPE_CACHE,
 ) -> BudgetConfig:
     """Validate raw option values (strings from the command line, or Python
     values) and return a :class:`BudgetConfig`.
@@ -120,7 +128,20 @@ def make_config(
         forecast_alert=forecast_alert,
         reservation_ttl_s=ttl,
         sync_interval_s=interval,
+        dedupe_cache=_cache_size(dedupe_cache),
     )
+
+
+def _cache_size(value: object) -> int:
+    try:
+        size = int(str(value))
+    except ValueError:
+        raise ConfigError(f"`dedupe-cache` must be a number of ids, got {value!r}") from None
+    # 0 is allowed (every duplicate then goes to the store); the upper bound
+    # keeps a typo from reserving gigabytes (~130 bytes per id).
+    if not 0 <= size <= MAX_DEDUPE_CACHE:
+        raise ConfigError(f"`dedupe-cache` must be between 0 and {MAX_DEDUPE_CACHE}")
+    return size
 
 
 def _positive_amount(value: object, option: str) -> Decimal:

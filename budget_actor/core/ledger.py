@@ -29,6 +29,7 @@ from .admission import decide
 from .burn import BurnRate, project
 from .config import BudgetConfig
 from .cost import Cost
+from .dedupe import RecentIds
 from .money import MONEY_CONTEXT, RATIO_CONTEXT, add, sub
 from .records import Alert, JournalEntry, Others, Restored, Snapshot
 from .views import Admission, Health, Spend
@@ -110,6 +111,8 @@ def day_bounds(now: datetime, config: BudgetConfig) -> tuple[str, datetime, date
 @dataclass
 class _Day:
     day: str
+    # The day before: its ids are still in the dedupe window.
+    previous: str
     starts_at: datetime
     ends_at: datetime
     burn: BurnRate
@@ -123,8 +126,9 @@ class _Day:
     total: Decimal = Decimal(0)
     alerts_sent: set[Decimal] = field(default_factory=set)
     forecast_sent: bool = False
-    # dispatch_id -> seq of the cost that counted it.
-    seen: dict[str, int] = field(default_factory=dict)
+    # Seqs of this day's costs that the store refused as duplicates and that
+    # were taken back out (so that a repeated report cannot subtract twice).
+    uncounted: set[int] = field(default_factory=set)
     # The spend at which the next threshold alert is due (None: all sent).
     next_alert_at: Decimal | None = None
     # Admitted estimates not yet settled: dispatch_id -> (amount, expires at).
@@ -136,11 +140,20 @@ class _Day:
 
 def _new_day(now: datetime, config: BudgetConfig) -> _Day:
     day, start, end = day_bounds(now, config)
-    return _Day(day, start, end, BurnRate(start, Decimal(0)))
+    previous = (datetime.fromisoformat(day) - timedelta(days=1)).date().isoformat()
+    return _Day(day, previous, start, end, BurnRate(start, Decimal(0)))
 
 
 class Ledger:
-    """The day's spend, its dedupe set, thresholds, cycles and store status.
+    """The day's spend, its recent dispatch ids, thresholds, cycles and store status.
+
+    Dedupe: an id in the bounded cache of recent ids (today's and
+    yesterday's, see :mod:`.dedupe`) is a duplicate at once. Any other id is
+    counted; the store's unique keys are the authority, and when the store
+    refuses the row the caller reports it with :meth:`uncount`. So
+    ``daily_spend`` may briefly hold a resent cost that the next commit
+    reveals as a duplicate; every figure the store writes (patches, shares)
+    is exact.
 
     Every method is synchronous and side-effect free beyond the ledger itself.
     Inputs are assumed validated (see :mod:`budget_actor.core.cost`); the ledger
@@ -161,6 +174,10 @@ class Ledger:
         self._arm()
         self._seq = seq
         self._durable_seq = seq
+        # Seqs up to this one were given out before this ledger existed: it
+        # never counted them, so it never takes them back out.
+        self._restored_seq = seq
+        self._recent = RecentIds(config.dedupe_cache)
         self._store_ok = True
         self._catching_up = False
         self._last_persist_at: datetime | None = None
@@ -201,11 +218,12 @@ class Ledger:
         # separately), so trusting it could swallow an alert for good.
         today.alerts_sent.update(restored.alerts_sent)
         today.forecast_sent = restored.forecast_sent
-        today.seen.update(restored.dispatch_ids)
+        # No dispatch ids are loaded: the store refuses the ones counted
+        # before (see `uncount`), so restore costs the same at any volume.
         for entry in restored.entries:
             today.spend = add(today.spend, entry.cost.usd)
             today.dispatches += 1
-            today.seen[entry.cost.dispatch_id] = entry.seq
+            ledger._recent.add(entry.cost.dispatch_id, entry.seq)
         today.total = today.spend
         if restored.others is not None and restored.others.day == today.day:
             today.others = restored.others
@@ -230,8 +248,11 @@ class Ledger:
         return Outcome(None, tuple(effects))
 
     def record(self, now: datetime, cost: Cost) -> Outcome[Recorded]:
-        """Count one cost, unless its ``dispatch_id`` was already counted today.
+        """Count one cost, unless its ``dispatch_id`` is known as counted
+        today or yesterday (then ``duplicate``, with the original's seq).
 
+        An id not in the cache of recent ids is counted; if the store finds
+        it counted already, the caller reports that with :meth:`uncount`.
         ``cost`` is kept as it is, inside the journal entry of the answer.
         """
         usd = cost.usd
@@ -240,7 +261,7 @@ class Ledger:
         effects = self._advance(now)
         today = self._today
         dispatch_id = cost.dispatch_id
-        original = today.seen.get(dispatch_id)
+        original = self._recent.get(dispatch_id)
         if original is not None:
             self.duplicates += 1
             return Outcome(Recorded(original, True, None), tuple(effects))
@@ -249,7 +270,7 @@ class Ledger:
         today.spend = add(today.spend, usd)
         today.total = add(today.total, usd) if today.others is not None else today.spend
         today.dispatches += 1
-        today.seen[dispatch_id] = self._seq
+        self._recent.add(dispatch_id, self._seq)
         if today.reservations:
             self._release(dispatch_id)
         today.burn.observe(now, today.spend)
@@ -266,19 +287,26 @@ class Ledger:
             effects.append(PatchDue(self.snapshot(), "cycle"))
         return Outcome(None, tuple(effects))
 
-    def admit(self, now: datetime, dispatch_id: str, estimate: Decimal) -> Outcome[Admission]:
+    def admit(
+        self, now: datetime, dispatch_id: str, estimate: Decimal, *, counted_on: str | None = None
+    ) -> Outcome[Admission]:
         """Reserve ``estimate`` against the cap if it fits; see :class:`Admission`
         and :func:`~budget_actor.core.admission.decide` for the rule.
 
         A reservation holds until the cost with the same ``dispatch_id``
         settles it (at its real cost) or ``reservation_ttl_s`` passes. Admitting
-        the same id again replaces its reservation. An id already counted
-        today is refused.
+        the same id again replaces its reservation. An id counted in the
+        dedupe window is refused: one known here (:meth:`knows`), or one the
+        store found counted on the day ``counted_on`` (the caller asks the
+        store about any id not known here first).
         """
         effects = self._advance(now)
         today = self._today
         self._expire(now)
         held = today.reservations.get(dispatch_id, (Decimal(0), now))[0]
+        if counted_on is None and self.knows(dispatch_id):
+            yesterday = self._recent.counted_yesterday(dispatch_id)
+            counted_on = today.previous if yesterday else today.day
         admission = decide(
             dispatch_id,
             estimate,
@@ -286,7 +314,8 @@ class Ledger:
             spent=today.total,
             reserved=sub(today.reserved, held),
             held=held,
-            counted=dispatch_id in today.seen,
+            counted=counted_on is not None,
+            counted_on=None if counted_on == today.day else counted_on,
         )
         if admission.allowed:
             self._release(dispatch_id)
@@ -317,25 +346,44 @@ class Ledger:
             self._check_thresholds(now, effects)
         return Outcome(None, tuple(effects))
 
-    def uncount(self, entry: JournalEntry, original_seq: int) -> Outcome[None]:
-        """The store found that another instance had counted ``entry``'s
-        dispatch id first: take the cost back out of this instance's share.
+    def uncount(self, entry: JournalEntry, original_seq: int, original_day: str) -> Outcome[None]:
+        """The store refused ``entry``: its dispatch id was counted before
+        (by ``original_seq`` on ``original_day``, today or a day next to it;
+        by another instance, or before a restart, or long enough ago to have
+        left the cache). Take the cost back out, and remember the original.
 
-        Only if this ledger counted that very entry (same seq): a ledger
-        restored since then never counted it, and must not subtract it.
-        Taking a cost back never makes anything due.
+        Only if this ledger counted that very entry today (its seq, given out
+        by this ledger, and not taken out before): a ledger restored since
+        never counted it, and a repeated report must not subtract twice. A
+        cost of a day that has rolled over stays in that day's figures here;
+        the store's own figures (patch, shares) never held it. Taking a cost
+        back never makes anything due.
         """
         today = self._today
-        dispatch_id, usd = entry.cost.dispatch_id, entry.cost.usd
+        usd = entry.cost.usd
         self.duplicates += 1
-        if entry.day != today.day or today.seen.get(dispatch_id) != entry.seq:
+        self.learn(entry.cost.dispatch_id, original_seq, original_day)
+        mine = self._restored_seq < entry.seq <= self._seq
+        if entry.day != today.day or not mine or entry.seq in today.uncounted:
             return NOTHING  # not counted here (or that day is closed): nothing to undo
+        today.uncounted.add(entry.seq)
         today.spend = sub(today.spend, usd)
         today.total = sub(today.total, usd)
         today.dispatches -= 1
-        today.seen[dispatch_id] = original_seq
         self.version += 1
         return NOTHING
+
+    def knows(self, dispatch_id: str) -> bool:
+        """True if ``dispatch_id`` is known as counted today or yesterday
+        (then :meth:`admit` refuses it without asking the store)."""
+        return self._recent.get(dispatch_id) is not None
+
+    def learn(self, dispatch_id: str, seq: int, day: str) -> None:
+        """The store says ``dispatch_id`` was counted by ``seq`` on ``day``:
+        remember it while that day is in the window."""
+        today = self._today
+        if day in (today.day, today.previous):
+            self._recent.add(dispatch_id, seq, yesterday=day != today.day)
 
     def withdraw(self, now: datetime, alert: Alert) -> Outcome[None]:
         """The store refused ``alert``'s nudge as premature (the shared spend
@@ -384,6 +432,8 @@ class Ledger:
             return []
         old = self.snapshot()
         self._today = _new_day(now, self.config)
+        # Yesterday's ids stay duplicates for the whole of today.
+        self._recent.next_day(adjacent=self._today.previous == old.day)
         self._arm()
         self.version += 1
         return [PatchDue(old, "rollover")]

@@ -152,12 +152,14 @@ class WriteResult(msgspec.Struct, kw_only=True):
     write created it), ``"exists"`` (someone had, earlier) or ``"premature"``
     (the shared spend in the store has not reached the threshold: not written;
     only when instances share a budget, see :mod:`budget_actor.runtime.coordinator`).
-    ``duplicates`` maps the seq of each journal entry that another instance
-    had already counted (same day and ``dispatch_id``) to that original's seq.
+    ``duplicates`` maps the seq of each journal entry that the store refused
+    because its ``dispatch_id`` was counted already, on its day or a day next
+    to it (by another instance, before a restart, or by this ledger long
+    enough ago to have left its cache), to that original's (seq, day).
     """
 
     nudges: dict[str, str] = msgspec.field(default_factory=dict)
-    duplicates: dict[int, int] = msgspec.field(default_factory=dict)
+    duplicates: dict[int, tuple[int, str]] = msgspec.field(default_factory=dict)
 
     @property
     def inserted(self) -> set[str]:
@@ -165,16 +167,16 @@ class WriteResult(msgspec.Struct, kw_only=True):
 
 
 class Restored(msgspec.Struct, frozen=True, kw_only=True):
-    """What a store knows about ``day`` at startup."""
+    """What a store knows about ``day`` at startup: a few rows whatever the
+    day's volume (no dispatch ids: the store's unique keys dedupe)."""
 
     day: str
-    # Today's budget patch, if one was written.
+    # This service's totals of ``day`` as the store keeps them exactly (its
+    # share row, written in the same transaction as its journal rows), if any.
     patch: Snapshot | None
-    # Journal entries of ``day`` with a seq above the patch's, in seq order.
+    # Journal entries of ``day`` with a seq above the patch's, in seq order
+    # (the tail: empty unless rows were written without their share).
     entries: tuple[JournalEntry, ...]
-    # Every dispatch id journaled on ``day``, with its seq (for dedupe across
-    # restarts: a duplicate's ack carries the original's seq).
-    dispatch_ids: dict[str, int]
     # Thresholds whose nudge row for ``day`` exists.
     alerts_sent: frozenset[Decimal]
     # Whether the forecast nudge of ``day`` was sent.
@@ -182,7 +184,6 @@ class Restored(msgspec.Struct, frozen=True, kw_only=True):
     # Highest seq ever journaled or patched, so seq keeps growing.
     max_seq: int
     # Shared budget (PostgreSQL): this instance's id and the others' totals.
-    # Then ``patch`` and ``entries`` are this instance's own share only.
     instance: str | None = None
     others: Others | None = None
 

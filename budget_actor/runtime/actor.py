@@ -62,7 +62,15 @@ from .messages import (
     Unsubscribe,
     fail_waiters,
 )
-from .persister import BarrierJob, JournalJob, NudgeJob, PatchJob, Persister, PersistQueue
+from .persister import (
+    BarrierJob,
+    CheckJob,
+    JournalJob,
+    NudgeJob,
+    PatchJob,
+    Persister,
+    PersistQueue,
+)
 from .resumable import ResumableQueue
 from .stats import ServiceStats
 from .supervisor import Escalation, RestartPolicy, Restarts, supervise
@@ -277,10 +285,23 @@ class BudgetActor:
 
     def _on_admit(self, message: Admit) -> None:
         ledger = self._ledger
-        if ledger.instance is None:
-            outcome = ledger.admit(self._clock(), message.dispatch_id, message.estimate)
+        counted = message.counted
+        if counted is not None:
+            ledger.learn(message.dispatch_id, *counted)
+        if ledger.knows(message.dispatch_id) or (ledger.instance is None and message.checked):
+            outcome = ledger.admit(
+                self._clock(),
+                message.dispatch_id,
+                message.estimate,
+                counted_on=None if counted is None else counted[1],
+            )
             message.reply.set(outcome.value)
             self._apply(outcome.effects)
+        elif ledger.instance is None:
+            # Maybe counted before a restart, or long enough ago to have left
+            # the ledger's cache: the store knows. The persister asks it once
+            # what is queued before is written, and sends the message back.
+            self._persist.put(CheckJob(message, ledger.day))
         elif ledger.store_behind:
             # Costs acknowledged from the spill file are in no share yet:
             # the store would admit against a spend that lacks them.
@@ -364,8 +385,8 @@ class BudgetActor:
         self._apply(self._ledger.synced(self._clock(), message.others).effects)
 
     def _on_uncount(self, message: Uncount) -> None:
-        for entry, original in message.duplicates:
-            self._apply(self._ledger.uncount(entry, original).effects)
+        for entry, original, day in message.duplicates:
+            self._apply(self._ledger.uncount(entry, original, day).effects)
 
     def _on_child_failed(self, message: ChildFailed) -> None:
         self._ledger.restarted(message.child)

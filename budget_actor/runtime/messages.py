@@ -117,6 +117,12 @@ class Admit(msgspec.Struct):
     dispatch_id: str
     estimate: Decimal
     reply: Reply[Admission]
+    # An id that the ledger does not know goes to the store first (it may
+    # have been counted before a restart, or long enough ago to have left the
+    # cache); the persister sends the message back with ``checked`` set, and
+    # ``counted`` the original's (seq, day) if the store holds one.
+    checked: bool = False
+    counted: tuple[int, str] | None = None
 
 
 class CountCycle(msgspec.Struct):
@@ -178,10 +184,10 @@ class Synced(msgspec.Struct):
 
 
 class Uncount(msgspec.Struct):
-    """From the persister: these costs were counted first by another instance
-    (same day and dispatch id); each with the original's seq."""
+    """From the persister: the store refused these costs, their dispatch ids
+    counted before in the dedupe window; each with the original's seq and day."""
 
-    duplicates: list[tuple[JournalEntry, int]]
+    duplicates: list[tuple[JournalEntry, int, str]]
 
 
 class Shutdown(msgspec.Struct):

@@ -34,14 +34,16 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from decimal import Decimal
 
 import msgspec
 import trio
 
 from ..core.records import Alert, JournalEntry, Snapshot
+from ..core.views import Admission
 from ..stores.spill import SpillFile
 from ..stores.store import JournalBatch, Store, StoreError
-from .messages import BatchReceipt, CostReceipt, Message, Reply, StoreReport, Uncount
+from .messages import Admit, BatchReceipt, CostReceipt, Message, Reply, StoreReport, Uncount
 from .stats import ServiceStats
 
 log = logging.getLogger("budget_actor.persister")
@@ -87,7 +89,20 @@ class BarrierJob(msgspec.Struct):
     receipt: CostReceipt
 
 
-Job = JournalJob | PatchJob | NudgeJob | BarrierJob
+class CheckJob(msgspec.Struct):
+    """Ask the store whether ``admit``'s dispatch id was counted in the dedupe
+    window of ``day``, once every job before it is written; the admission
+    goes back to the actor with the answer."""
+
+    admit: Admit
+    day: str
+
+    @property
+    def reply(self) -> Reply[Admission]:
+        return self.admit.reply
+
+
+Job = JournalJob | PatchJob | NudgeJob | BarrierJob | CheckJob
 
 
 class PersistQueue:
@@ -288,27 +303,60 @@ class Persister:
         done_at = trio.current_time()
         self.stats.commit_duration.observe(done_at - started)
         duplicates = result.duplicates
-        uncount: list[tuple[JournalEntry, int]] = []
+        uncount: list[tuple[JournalEntry, int, str]] = []
         if duplicates:
-            # Another instance counted these first: acknowledge them as the
-            # duplicates they are, and take them out of this instance's share.
-            uncount = [(e, duplicates[e.seq]) for e in entries if e.seq in duplicates]
+            # Counted before (by another instance, before a restart, or long
+            # enough ago to have left the ledger's cache): acknowledge them as
+            # the duplicates they are, with the original's seq, and take them
+            # back out of the ledger's figures.
+            uncount = [(e, *duplicates[e.seq]) for e in entries if e.seq in duplicates]
             for job in batch:
                 if isinstance(job, JournalJob) and job.entry.seq in duplicates:
                     if job.receipt is not None:
                         job.receipt.duplicate = True
-                        job.receipt.seq = duplicates[job.entry.seq]
+                        job.receipt.seq = duplicates[job.entry.seq][0]
                     elif job.batch is not None:
                         job.batch.duplicates[job.index] = True
-                        job.batch.seqs[job.index] = duplicates[job.entry.seq]
+                        job.batch.seqs[job.index] = duplicates[job.entry.seq][0]
+        checks: list[CheckJob] = []
         for job in batch:
-            if not _acknowledge(job) and isinstance(job, NudgeJob) and job.reply is not None:
-                job.reply.set(result.nudges.get(job.alert.nudge_name, "exists"))
+            if not _acknowledge(job):
+                if isinstance(job, NudgeJob) and job.reply is not None:
+                    job.reply.set(result.nudges.get(job.alert.nudge_name, "exists"))
+                elif isinstance(job, CheckJob):
+                    checks.append(job)
         _observe_acks(self.stats, batch, done_at)
         if uncount and not abandon:
             # (At shutdown, `abandon`, the actor is gone and its mailbox may
             # be full; its successor restores from the store anyway.)
             await self._tell(Uncount(uncount))
+        if checks:
+            await self._check(checks, abandon=abandon)
+
+    async def _check(self, checks: list[CheckJob], *, abandon: bool) -> None:
+        """Look the checked ids up (after the batch before them is written)
+        and send each admission back to the actor with the answer. If the
+        store cannot answer, the admission is refused here; at shutdown
+        (``abandon``) nobody decides it any more: its caller is told so."""
+        if abandon:
+            for job in checks:
+                job.reply.fail()
+            return
+        found: dict[str, tuple[int, str]] = {}
+        try:
+            for day in {job.day for job in checks}:
+                ids = [job.admit.dispatch_id for job in checks if job.day == day]
+                found |= await trio.to_thread.run_sync(
+                    self.store.find, day, ids, limiter=self.limiter
+                )
+        except StoreError as exc:
+            for job in checks:
+                _unchecked(job, str(exc))
+            return
+        for job in checks:
+            job.admit.checked = True
+            job.admit.counted = found.get(job.admit.dispatch_id)
+            await self._tell(job.admit)
 
     async def _spill(self, batch: list[Job], *, beside_store: bool = False) -> None:
         """Journal entries to the spill file (then acknowledged); the rest is held.
@@ -323,7 +371,9 @@ class Persister:
         limiter = None if beside_store else self.limiter
         await trio.to_thread.run_sync(spill.append, entries, limiter=limiter)
         for job in batch:
-            if not _acknowledge(job):
+            if isinstance(job, CheckJob):
+                _unchecked(job, "the store is unreachable")
+            elif not _acknowledge(job):
                 self.queue.held.append(job)
         _observe_acks(self.stats, batch, trio.current_time())
 
@@ -384,6 +434,20 @@ def _observe_acks(stats: ServiceStats, batch: list[Job], now: float) -> None:
             run += 1
     if run:
         histogram.observe(now - stamp, run)
+
+
+def _unchecked(job: CheckJob, why: str) -> None:
+    """Refuse an admission whose id the store could not check: it may have
+    been counted already, and an admission must not reserve for a cost that
+    will never settle it."""
+    job.reply.set(
+        Admission(
+            dispatch_id=job.admit.dispatch_id,
+            allowed=False,
+            remaining=Decimal(0),
+            reason=f"cannot check whether this dispatch_id was already counted: {why}",
+        )
+    )
 
 
 def _acknowledge(job: Job) -> bool:

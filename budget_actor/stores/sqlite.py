@@ -8,11 +8,22 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
-from ..core.records import iso_utc
-from .store import Store, StoreError
+from ..core.dedupe import neighbours
+from ..core.money import MONEY_CONTEXT, add
+from ..core.records import (
+    NUDGE_TYPE,
+    PATCH_TYPE,
+    Alert,
+    JournalEntry,
+    Snapshot,
+    WriteResult,
+    iso_utc,
+)
+from .store import JOURNAL_COLUMNS, Holder, JournalBatch, Store, StoreError
 
 _SCHEMA = (
     (
@@ -26,6 +37,17 @@ _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS budget_journal (seq INTEGER PRIMARY KEY, day TEXT NOT NULL,"
         " dispatch_id TEXT NOT NULL, usd TEXT NOT NULL, recorded_at TEXT NOT NULL, model TEXT,"
         " agent TEXT, input_tokens INTEGER, output_tokens INTEGER, UNIQUE (day, dispatch_id))",
+    ),
+    (
+        # The day's totals, the exact sum of its journal rows, kept in the
+        # same transaction (the one instance is ''): restore reads this row,
+        # not the day's journal, and every patch is made from it. Amounts are
+        # decimal text, summed in Python: SQLite's own sum() is a float.
+        "budget_shares",
+        "CREATE TABLE IF NOT EXISTS budget_shares (day TEXT NOT NULL, instance TEXT NOT NULL,"
+        " spend TEXT NOT NULL DEFAULT '0', dispatches INTEGER NOT NULL DEFAULT 0,"
+        " cycles INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL DEFAULT 0,"
+        " updated_at TEXT, PRIMARY KEY (day, instance))",
     ),
     (
         # Alert webhook deliveries (see Store: alert webhooks).
@@ -137,6 +159,130 @@ class SqliteStore(Store):
 
     def _schema(self) -> Sequence[tuple[str, str]]:
         return _SCHEMA
+
+    def _create(self, cur: Any) -> None:
+        cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'budget_shares'")
+        had_shares = cur.fetchone() is not None
+        super()._create(cur)
+        if not had_shares:
+            self._migrate(cur)
+        self._create_indexes(cur)
+
+    def _migrate(self, cur: Any) -> None:
+        """A journal from before the shares: sum each day's rows into its
+        share (once, at the first start of this version), with the cycle
+        count of the day's patch."""
+        totals: dict[str, tuple[Decimal, int, int]] = {}
+        cur.execute("SELECT day, usd, seq FROM budget_journal ORDER BY day")
+        while rows := cur.fetchmany(10_000):
+            for day, usd, seq in rows:
+                spend, count, top = totals.get(day, (Decimal(0), 0, 0))
+                totals[day] = (add(spend, Decimal(usd)), count + 1, max(top, seq))
+        for day, (spend, count, top) in totals.items():
+            cur.execute(
+                "SELECT body FROM quilt_patches WHERE type = ? AND name = ?",
+                (PATCH_TYPE, f"budget_{day}"),
+            )
+            row = cur.fetchone()
+            cycles = Snapshot.from_body(json.loads(row[0])).cycle_count if row else 0
+            cur.execute(
+                "INSERT INTO budget_shares (day, instance, spend, dispatches, cycles, seq)"
+                " VALUES (?, '', ?, ?, ?, ?)",
+                (day, str(spend), count, cycles, top),
+            )
+
+    # The day number (see budget_actor.core.dedupe.day_number): julianday()
+    # of a date is N.5, the same N for every moment of it; deterministic, so
+    # allowed in an index.
+    _DAY_NUMBER = "CAST(julianday(day) AS INTEGER)"
+
+    def _index_exists(self, cur: Any, name: str) -> bool:
+        cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
+        return cur.fetchone() is not None
+
+    def _unique_violation(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+    def _insert_journal(
+        self, cur: Any, batch: JournalBatch, result: WriteResult, stamp: Any
+    ) -> None:
+        insert = self._journal_insert()
+        # Almost always every row is new: one statement, and the share grows
+        # by the batch's sums. Otherwise (a retried batch, or a duplicate the
+        # unique keys refused) the statement runs again, telling which rows
+        # it inserted, so that only those are added to the share.
+        cur.execute("SAVEPOINT journal")
+        cur.execute(insert, (batch.json,))
+        if cur.rowcount == batch.count:
+            inserted: Sequence[JournalEntry] = batch.entries
+        else:
+            cur.execute("ROLLBACK TO SAVEPOINT journal")
+            cur.execute(insert + " RETURNING seq", (batch.json,))
+            new = {int(r[0]) for r in cur.fetchall()}
+            inserted = [e for e in batch.entries if e.seq in new]
+            refused = [e for e in batch.entries if e.seq not in new]
+            self._duplicates(refused, self._holders(cur, refused), result)
+        cur.execute("RELEASE SAVEPOINT journal")
+        for day, (spend, count, top) in JournalBatch.sums(inserted).items():
+            cur.execute("SELECT spend FROM budget_shares WHERE day = ? AND instance = ''", (day,))
+            row = cur.fetchone()
+            total = add(Decimal(row[0]), spend) if row else spend
+            cur.execute(
+                "INSERT INTO budget_shares (day, instance, spend, dispatches, seq, updated_at)"
+                " VALUES (?, '', ?, ?, ?, ?) ON CONFLICT (day, instance) DO UPDATE SET"
+                " spend = excluded.spend, dispatches = dispatches + excluded.dispatches,"
+                " seq = max(seq, excluded.seq), updated_at = excluded.updated_at",
+                (day, str(total), count, top, stamp),
+            )
+
+    def _holders(
+        self, cur: Any, refused: Sequence[JournalEntry]
+    ) -> dict[tuple[str, str], list[Holder]]:
+        holders: dict[tuple[str, str], list[Holder]] = {}
+        for entry in refused:
+            before, after = neighbours(entry.day)
+            dispatch_id = entry.cost.dispatch_id
+            cur.execute(
+                "SELECT seq, day FROM budget_journal WHERE dispatch_id = ? AND day IN (?, ?, ?)",
+                (dispatch_id, before, entry.day, after),
+            )
+            holders[(entry.day, dispatch_id)] = [
+                ("", int(seq), str(day)) for seq, day in cur.fetchall()
+            ]
+        return holders
+
+    def _share_cycles(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
+        cur.execute(
+            "INSERT INTO budget_shares (day, instance, cycles, updated_at) VALUES (?, '', ?, ?)"
+            " ON CONFLICT (day, instance) DO UPDATE SET cycles = max(cycles, excluded.cycles)",
+            (snap.day, snap.cycle_count, stamp),
+        )
+
+    def _insert_nudge(self, cur: Any, alert: Alert, stamp: Any) -> str:
+        """Insert the nudge row, but a threshold's only if the day's spend in
+        the store has reached it: the ledger's figure can run ahead by a
+        resent cost that the store then refuses as a duplicate."""
+        if alert.kind == "threshold":
+            floor = MONEY_CONTEXT.multiply(alert.threshold, alert.daily_cap)
+            spend = Decimal(0)
+            for _, share_spend, _, _, _ in self._shares(cur, alert.day):
+                spend = add(spend, share_spend)
+            if spend < floor:
+                cur.execute(
+                    "SELECT 1 FROM quilt_patches WHERE type = ? AND name = ?",
+                    (NUDGE_TYPE, alert.nudge_name),
+                )
+                return "exists" if cur.fetchone() is not None else "premature"
+        return super()._insert_nudge(cur, alert, stamp)
+
+    def _tail(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
+        # By seq, the key ("+day" keeps SQLite off the (day, dispatch_id)
+        # index, which would read the whole day): a short range at the end.
+        cur.execute(
+            f"SELECT {JOURNAL_COLUMNS} FROM budget_journal WHERE seq > ? AND +day = ? ORDER BY seq",
+            (after_seq, day),
+        )
+        return self._rows(cur)
 
     def _journal_insert(self) -> str:
         # "WHERE true" keeps SQLite from reading ON CONFLICT as a join clause.

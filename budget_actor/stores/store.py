@@ -18,8 +18,13 @@ Tables:
 
 * ``quilt_patches`` exactly as the contract fixes it (the service creates it if
   missing and only ever upserts rows named ``budget_*`` / ``budget_alert_*``).
-* ``budget_journal``: one row per accepted cost, keyed by ``seq``, with
-  ``(day, dispatch_id)`` unique, so that a replayed write can never count twice.
+* ``budget_journal``: one row per accepted cost, with ``(day, dispatch_id)``
+  unique, so that a replayed write can never count twice, and the dedupe
+  window across midnight as two more unique keys (:data:`PAIR_KEYS`).
+* ``budget_shares``: per day and instance, the exact sum of that instance's
+  journal rows, updated in the same transaction as the rows. Restore reads
+  it instead of the day's journal, and every patch is the sum of the shares.
+  SQLite has one instance, ``''``.
 * ``budget_webhooks``: the alert webhook deliveries (see "alert webhooks" below).
 """
 
@@ -28,8 +33,8 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from datetime import datetime, timedelta
-from decimal import Decimal
+from datetime import date, datetime, timedelta
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,8 +42,9 @@ import msgspec
 
 from ..core.audit import ShareCheck
 from ..core.cost import Cost
+from ..core.dedupe import neighbours
 from ..core.history import Curve, DayTotal
-from ..core.money import add
+from ..core.money import MONEY_CONTEXT, add
 from ..core.records import (
     NUDGE_TYPE,
     PATCH_TYPE,
@@ -71,6 +77,18 @@ class StoreError(Exception):
 # A deadlock between two instances resolves on the first retry; a handful
 # covers bad luck without hiding a real, persistent problem.
 CONFLICT_RETRIES = 5
+
+# The dedupe window across midnight, as two unique keys of the journal
+# (index name suffix, expression of the day's number): the day number halved,
+# and the day number plus one halved. Two adjacent days share exactly one of
+# the two pairs, so the same dispatch_id on today and yesterday collides in
+# one key (in the database, under its locks: instances racing at midnight
+# wait for each other), while two days apart share neither. See
+# budget_actor.core.dedupe.day_number; ``{n}`` is the dialect's day number.
+PAIR_KEYS = (("pair_even", "({n}) / 2"), ("pair_odd", "({n} + 1) / 2"))
+
+# A row found holding a refused row's dispatch id: (instance, seq, day).
+Holder = tuple[str, int, str]
 
 
 class SharedBudget(Protocol):
@@ -145,12 +163,6 @@ class Store(ABC):
     def _json_marker(self) -> str:
         return self._P
 
-    @abstractmethod
-    def _journal_insert(self) -> str:
-        """INSERT of journal rows from one JSON array parameter of JournalEntry
-        objects; rows that exist already (by seq, or by day and id) are skipped.
-        PostgreSQL replaces the whole step (see ``_insert_journal``)."""
-
     # -- the interface -------------------------------------------------------
 
     def open(self, *, create: bool = True) -> None:
@@ -201,6 +213,15 @@ class Store(ABC):
         result: WriteResult = self._run(lambda cur: self._write(cur, entries, patches, nudges, now))
         return result
 
+    def find(self, day: str, dispatch_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """The ids among ``dispatch_ids`` that the journal holds in the dedupe
+        window of ``day`` (that day or a day next to it), each with the
+        original's (seq, day). Raises :class:`StoreError`."""
+        found: dict[str, tuple[int, str]] = self._run(
+            lambda cur: self._find(cur, day, dispatch_ids)
+        )
+        return found
+
     # -- capabilities: what upper layers may ask instead of testing classes --
 
     @abstractmethod
@@ -231,29 +252,27 @@ class Store(ABC):
         return None if row is None else self._read_body(row[0])
 
     def rebuild_patch(self, day: str, daily_cap: Decimal, now: datetime) -> Snapshot:
-        """Recompute ``day``'s budget patch from its journal and write it.
+        """Rewrite ``day``'s budget patch as the sum of its shares (exact: each
+        is kept in the same transaction as its journal rows), for a day
+        whose costs reached the store late (spilled across midnight).
 
-        Cycle count, cap and sent alerts are kept from the existing patch
-        (the journal does not know them); spend, dispatches and seq come from
-        the journal, summed exactly. Raises :class:`StoreError`.
+        The cap is kept from the existing patch. Raises :class:`StoreError`.
         """
-        entries = self.journal(day)
         body = self.get_patch(PATCH_TYPE, f"budget_{day}")
-        old = Snapshot.from_body(body) if body is not None else None
-        spend = Decimal(0)
-        for entry in entries:
-            spend = add(spend, entry.cost.usd)
-        snapshot = Snapshot(
+        cap = Snapshot.from_body(body).daily_cap if body is not None else daily_cap
+        seed = Snapshot(
             day=day,
-            daily_spend=spend,
-            daily_cap=old.daily_cap if old else daily_cap,
-            cycle_count=old.cycle_count if old else 0,
-            dispatches=len(entries),
-            alerts_sent=old.alerts_sent if old else (),
-            seq=max((e.seq for e in entries), default=old.seq if old else 0),
+            daily_spend=Decimal(0),
+            daily_cap=cap,
+            cycle_count=0,
+            dispatches=0,
+            alerts_sent=(),
+            seq=0,
         )
-        self.write([], [snapshot], [], now)
-        return snapshot
+        self.write([], [seed], [], now)
+        body = self.get_patch(PATCH_TYPE, f"budget_{day}")
+        assert body is not None
+        return Snapshot.from_body(body)
 
     def journal(self, day: str) -> list[JournalEntry]:
         """Every journal entry of ``day``, in seq order (for audits and reports)."""
@@ -525,6 +544,55 @@ class Store(ABC):
             if not self._table_exists(cur, table):
                 cur.execute(statement)
 
+    # -- journal indexes -----------------------------------------------------
+
+    #: The dialect's day number of the ``day`` column: consecutive integers
+    #: for consecutive days, and allowed in an index (immutable).
+    _DAY_NUMBER: str
+
+    def _indexes(self) -> list[tuple[str, str, bool]]:
+        """Indexes of ``budget_journal`` beyond its table constraints:
+        (name, columns or expressions, unique)."""
+        return [
+            (f"budget_journal_{suffix}", f"({key.format(n=self._DAY_NUMBER)}), dispatch_id", True)
+            for suffix, key in PAIR_KEYS
+        ]
+
+    def _create_indexes(self, cur: Any) -> None:
+        """Create the journal's missing indexes (at the first start of a
+        version that adds one; that needs the table's owner, once).
+
+        A journal written before the dedupe window crossed midnight may
+        already hold one id on two adjacent days (counted twice then): a
+        pair key cannot be built over those rows, so it is built over the
+        days from the last journaled day on, which are free of them, and the
+        window holds from that day.
+        """
+        for name, columns, unique in self._indexes():
+            if self._index_exists(cur, name):
+                continue
+            kind = "UNIQUE INDEX" if unique else "INDEX"
+            create = f"CREATE {kind} {name} ON budget_journal ({columns})"
+            cur.execute("SAVEPOINT budget_index")
+            try:
+                cur.execute(create)
+            except Exception as exc:
+                if not (unique and self._unique_violation(exc)):
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT budget_index")
+                cur.execute("SELECT MAX(day) FROM budget_journal")
+                # A day read back from our own column, checked before it is
+                # written into the statement (DDL takes no parameters).
+                since = date.fromisoformat(str(cur.fetchone()[0])).isoformat()
+                cur.execute(f"{create} WHERE day >= '{since}'")
+            cur.execute("RELEASE SAVEPOINT budget_index")
+
+    @abstractmethod
+    def _index_exists(self, cur: Any, name: str) -> bool: ...
+
+    @abstractmethod
+    def _unique_violation(self, exc: Exception) -> bool: ...
+
     def _table_exists(self, cur: Any, table: str) -> bool:
         # Checked first, not left to IF NOT EXISTS: PostgreSQL checks the
         # CREATE privilege before it checks existence, and a production user
@@ -541,16 +609,16 @@ class Store(ABC):
     ) -> WriteResult:
         result = WriteResult()
         batch = entries if isinstance(entries, JournalBatch) else JournalBatch.of(entries)
+        stamp = self._time_param(now)
         if batch.count:
             # One statement for the whole batch, its rows as one JSON array
             # encoded by msgspec in C: the worker thread then does almost no
             # Python work per cost, and holds the GIL (which the event loop
             # needs) for microseconds instead of once per row.
-            self._insert_journal(cur, batch, result)
+            self._insert_journal(cur, batch, result, stamp)
         latest: dict[str, Snapshot] = {}
         for snap in patches:
             latest[snap.day] = snap
-        stamp = self._time_param(now)
         for snap in latest.values():
             self._upsert_patch(cur, snap, stamp)
         for alert in nudges:
@@ -560,10 +628,108 @@ class Store(ABC):
                 self._insert_webhooks(cur, alert, stamp)
         return result
 
-    def _insert_journal(self, cur: Any, batch: JournalBatch, result: WriteResult) -> None:
-        cur.execute(self._journal_insert(), (batch.json,))
+    @abstractmethod
+    def _insert_journal(
+        self, cur: Any, batch: JournalBatch, result: WriteResult, stamp: Any
+    ) -> None:
+        """Insert the batch's rows, add the ones actually inserted to this
+        instance's share of their day, and report in ``result.duplicates``
+        each row refused because its dispatch_id is held by another row in
+        its dedupe window (a row refused because it is there already, from
+        a retried batch, is no duplicate)."""
+
+    def _duplicates(
+        self,
+        refused: Sequence[JournalEntry],
+        holders: dict[tuple[str, str], list[Holder]],
+        result: WriteResult,
+    ) -> None:
+        """Fill ``result.duplicates`` from the refused entries and the rows
+        found holding their ids, ``holders[(day, dispatch_id)]``."""
+        me = self._me
+        for entry in refused:
+            found = holders.get((entry.day, entry.cost.dispatch_id), [])
+            if any(h == (me, entry.seq, entry.day) for h in found):
+                continue  # its own row, written by an earlier attempt
+            if found:
+                # Two holders can exist (the days before and after, which
+                # are two days apart): the earlier one is the original.
+                _, seq, day = min(found, key=lambda h: h[2])
+                result.duplicates[entry.seq] = (seq, day)
+
+    @property
+    def _me(self) -> str:
+        """This service's instance id in the shares and the journal."""
+        return self.instance if self.shared and self.instance is not None else ""
+
+    def _find(self, cur: Any, day: str, dispatch_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        p = self._P
+        before, after = neighbours(day)
+        found: dict[str, tuple[int, str]] = {}
+        for dispatch_id in dispatch_ids:
+            cur.execute(
+                f"SELECT seq, day FROM budget_journal WHERE dispatch_id = {p}"
+                f" AND day IN ({p}, {p}, {p}) ORDER BY day LIMIT 1",
+                (dispatch_id, before, day, after),
+            )
+            row = cur.fetchone()
+            if row is not None:
+                found[dispatch_id] = (int(row[0]), str(row[1]))
+        return found
 
     def _upsert_patch(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
+        """The patch of ``snap.day`` as the sum of every share of that day.
+
+        ``snap`` contributes this instance's cycle count (to its share), the
+        cap and the alerts it has sent; spend, dispatches and seq come from
+        the shares, exact, so a patch never counts a cost that the store
+        refused as a duplicate, nor one it has not made durable.
+        """
+        self._share_cycles(cur, snap, stamp)
+        self._lock_patch(cur, snap.day)
+        shares: dict[str, tuple[Decimal, int, int]] = {}
+        spend, dispatches, cycles = Decimal(0), 0, 0
+        for name, share_spend, share_dispatches, share_cycles, share_seq in self._shares(
+            cur, snap.day
+        ):
+            shares[name] = (share_spend, share_dispatches, share_seq)
+            spend = add(spend, share_spend)
+            dispatches += share_dispatches
+            cycles += share_cycles
+        sent = set(snap.alerts_sent) | self._sent(cur, snap.day)[0]
+        total = Snapshot(
+            day=snap.day,
+            daily_spend=spend,
+            daily_cap=snap.daily_cap,
+            cycle_count=cycles,
+            dispatches=dispatches,
+            alerts_sent=tuple(sorted(sent)),
+            seq=max((seq for _, _, seq in shares.values()), default=0),
+            # Which instance's share is what, for `verify` (shared only).
+            shares=shares if self.shared else None,
+        )
+        self._put_patch(cur, total, stamp)
+
+    @abstractmethod
+    def _share_cycles(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
+        """Raise this instance's share's cycle count of ``snap.day`` to the
+        snapshot's (creating the share row if needed)."""
+
+    def _lock_patch(self, cur: Any, day: str) -> None:  # noqa: B027 - a hook, empty by default
+        """Serialise patch writes of ``day`` (several writers only)."""
+
+    def _shares(self, cur: Any, day: str) -> list[tuple[str, Decimal, int, int, int]]:
+        """Every share of ``day``: (instance, spend, dispatches, cycles, seq)."""
+        p = self._P
+        cur.execute(
+            f"SELECT instance, spend, dispatches, cycles, seq FROM budget_shares WHERE day = {p}",
+            (day,),
+        )
+        return [
+            (str(r[0]), Decimal(str(r[1])), int(r[2]), int(r[3]), int(r[4])) for r in cur.fetchall()
+        ]
+
+    def _put_patch(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
         p, j = self._P, self._json_marker()
         cur.execute(
             "INSERT INTO quilt_patches (type, name, body, created_at, updated_at)"
@@ -593,6 +759,10 @@ class Store(ABC):
             " ORDER BY seq",
             (day, after_seq) if instance is None else (day, after_seq, instance),
         )
+        return self._rows(cur)
+
+    def _rows(self, cur: Any) -> list[JournalEntry]:
+        """The journal entries of a query of :data:`JOURNAL_COLUMNS`."""
         read_time = self._read_time
         return [
             JournalEntry(
@@ -605,43 +775,51 @@ class Store(ABC):
         ]
 
     def _load(self, cur: Any, day: str) -> Restored:
+        """This service's share of ``day`` (its totals, exact), the journal
+        tail after it (rows without their share: none, normally), sent
+        alerts, the highest seq and, when shared, the others' totals: a few
+        indexed reads, whatever the day's volume."""
         p = self._P
         cur.execute(
-            f"SELECT body FROM quilt_patches WHERE type = {p} AND name = {p}",
-            (PATCH_TYPE, f"budget_{day}"),
+            "SELECT spend, dispatches, cycles, seq FROM budget_shares"
+            f" WHERE day = {p} AND instance = {p}",
+            (day, self._me),
         )
         row = cur.fetchone()
-        patch = None if row is None else Snapshot.from_body(self._read_body(row[0]))
-        entries = self._entries(cur, day, patch.seq if patch else -1)
-        return self._restored(cur, day, patch, entries)
-
-    def _restored(
-        self,
-        cur: Any,
-        day: str,
-        patch: Snapshot | None,
-        entries: list[JournalEntry],
-        others: Others | None = None,
-    ) -> Restored:
-        """The rest of a :class:`Restored`: dedupe ids, sent alerts, max seq."""
-        p = self._P
-        cur.execute(f"SELECT dispatch_id, seq FROM budget_journal WHERE day = {p}", (day,))
-        ids = {str(r[0]): int(r[1]) for r in cur.fetchall()}
+        own = None
+        if row is not None:
+            own = Snapshot(
+                day=day,
+                daily_spend=Decimal(str(row[0])),
+                daily_cap=Decimal(0),  # not used: the cap comes from the configuration
+                cycle_count=int(row[2]),
+                dispatches=int(row[1]),
+                alerts_sent=(),
+                seq=int(row[3]),
+            )
+        entries = self._tail(cur, day, own.seq if own else -1)
         sent, forecast_sent = self._sent(cur, day)
         max_seq = self._max_seq(cur)
-        if patch is not None:
-            max_seq = max(max_seq, patch.seq)
+        if own is not None:
+            max_seq = max(max_seq, own.seq)
         return Restored(
             day=day,
-            patch=patch,
+            patch=own,
             entries=tuple(entries),
-            dispatch_ids=ids,
             alerts_sent=frozenset(sent),
             forecast_sent=forecast_sent,
             max_seq=max_seq,
             instance=self.instance if self.shared else None,
-            others=others,
+            others=self._others(cur, day) if self.shared else None,
         )
+
+    def _tail(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
+        """This service's journal entries of ``day`` after ``after_seq``."""
+        return self._entries(cur, day, after_seq)
+
+    def _others(self, cur: Any, day: str) -> Others:
+        """The other instances' totals (shared stores only)."""
+        raise StoreError(f"{self.kind}: this store is not shared")
 
     def _max_seq(self, cur: Any) -> int:
         """The highest seq in the journal (it is the key here: an index read)."""
@@ -681,15 +859,30 @@ class JournalBatch:
     does not make the event loop wait for a worker thread to let go of it.
     """
 
-    __slots__ = ("count", "json")
+    __slots__ = ("count", "entries", "json")
 
-    def __init__(self, json: str, count: int) -> None:
+    def __init__(self, json: str, entries: Sequence[JournalEntry]) -> None:
         self.json = json
-        self.count = count
+        self.entries = entries
+        self.count = len(entries)
 
     @classmethod
     def of(cls, entries: Sequence[JournalEntry]) -> JournalBatch:
-        return cls(_journal_encoder.encode(entries).decode() if entries else "[]", len(entries))
+        return cls(_journal_encoder.encode(entries).decode() if entries else "[]", entries)
+
+    @staticmethod
+    def sums(entries: Sequence[JournalEntry]) -> dict[str, tuple[Decimal, int, int]]:
+        """Per day of ``entries``: exact spend, count and highest seq."""
+        days: dict[str, list[JournalEntry]] = {}
+        for entry in entries:
+            days.setdefault(entry.day, []).append(entry)
+        totals = {}
+        # sum() in MONEY_CONTEXT: exact (Inexact traps), and a C loop.
+        with localcontext(MONEY_CONTEXT):
+            for day, group in days.items():
+                spend = sum((e.cost.usd for e in group), Decimal(0))
+                totals[day] = (spend, len(group), max(e.seq for e in group))
+        return totals
 
 
 def dumps(body: dict[str, Any]) -> str:

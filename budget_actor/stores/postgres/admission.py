@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from ...core.admission import decide
+from ...core.dedupe import neighbours
 from ...core.views import Admission
 
 
@@ -36,14 +37,17 @@ def admit(
         (day,),
     )
     cur.execute("DELETE FROM budget_reservations WHERE expires_at <= now()")
+    # Counted in the dedupe window: that day, or a day next to it.
+    before, after = neighbours(day)
     cur.execute(
         "SELECT (SELECT COALESCE(sum(spend), 0) FROM budget_shares WHERE day = %(day)s),"
         " (SELECT COALESCE(sum(estimate), 0) FROM budget_reservations"
         "   WHERE day = %(day)s AND dispatch_id <> %(id)s),"
         " (SELECT estimate FROM budget_reservations WHERE day = %(day)s"
         "   AND dispatch_id = %(id)s),"
-        " EXISTS (SELECT 1 FROM budget_journal WHERE day = %(day)s AND dispatch_id = %(id)s)",
-        {"day": day, "id": dispatch_id},
+        " (SELECT min(day) FROM budget_journal WHERE dispatch_id = %(id)s"
+        "   AND day IN (%(before)s, %(day)s, %(after)s))",
+        {"day": day, "id": dispatch_id, "before": before, "after": after},
     )
     spent, reserved, held, counted = cur.fetchone()
     admission = decide(
@@ -53,8 +57,9 @@ def admit(
         spent=Decimal(str(spent)),
         reserved=Decimal(str(reserved)),
         held=Decimal(str(held)) if held is not None else Decimal(0),
-        counted=bool(counted),
+        counted=counted is not None,
         scope=", all instances",
+        counted_on=None if counted in (None, day) else str(counted),
     )
     if admission.allowed:
         cur.execute(

@@ -29,7 +29,8 @@ SCHEMA = (
         " updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (type, name))",
     ),
     (
-        # (day, dispatch_id) is the one key, across all instances: global
+        # (day, dispatch_id) is a key across all instances, and with it the
+        # two keys of the dedupe window (indexes, see Store._indexes): global
         # dedupe, and no other way for a row to be refused. Each instance
         # numbers its own costs (seq); a number is not a key, so a row
         # numbered twice (a dead instance's spill file adopted by one that
@@ -144,6 +145,10 @@ def lock_schema(cur: Any) -> None:
     cur.execute(
         "SELECT pg_advisory_xact_lock(hashtext('budget_actor_schema:' || current_schema()))"
     )
+
+
+def is_unique_violation(exc: Exception) -> bool:
+    return isinstance(exc, psycopg.errors.UniqueViolation)
 
 
 def table_exists(cur: Any, table: str) -> bool:

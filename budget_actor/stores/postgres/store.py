@@ -4,8 +4,8 @@ This class is the :class:`~budget_actor.stores.store.Store` interface and
 little else; the SQL lives beside it, by concern:
 
 * :mod:`.connection`: the connection, the instance lock, schema and migration;
-* :mod:`.journal`: the journal with each instance's share, the patch as the
-  sum of the shares, the guarded nudge, restore of this instance's share;
+* :mod:`.journal`: the journal with each instance's share and its dedupe
+  keys, the lock that orders patches, the guarded nudge;
 * :mod:`.shares`: the other instances' totals;
 * :mod:`.admission`: admissions against the global cap;
 * :mod:`.audit`: the share checks of ``verify``;
@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ...core.audit import ShareCheck
 from ...core.history import Curve
-from ...core.records import PATCH_TYPE, Alert, Others, Restored, Snapshot, WriteResult
+from ...core.records import Alert, JournalEntry, Others, Snapshot, WriteResult
 from ...core.views import Admission
 from ..store import JournalBatch, Store
 from . import admission, audit, connection, history, journal, shares
@@ -115,24 +115,6 @@ class PostgresStore(Store):
         result: list[ShareCheck] | None = self._run(lambda cur: audit.share_checks(cur, day, patch))
         return result
 
-    def rebuild_patch(self, day: str, daily_cap: Decimal, now: datetime) -> Snapshot:
-        """The shares are exact already: rewrite the patch as their sum."""
-        body = self.get_patch(PATCH_TYPE, f"budget_{day}")
-        cap = Snapshot.from_body(body).daily_cap if body is not None else daily_cap
-        seed = Snapshot(
-            day=day,
-            daily_spend=Decimal(0),
-            daily_cap=cap,
-            cycle_count=0,
-            dispatches=0,
-            alerts_sent=(),
-            seq=0,
-        )
-        self.write([], [seed], [], now)
-        body = self.get_patch(PATCH_TYPE, f"budget_{day}")
-        assert body is not None
-        return Snapshot.from_body(body)
-
     # -- the Store's hooks -----------------------------------------------------
 
     def _connect(self) -> Any:
@@ -148,6 +130,21 @@ class PostgresStore(Store):
         connection.lock_schema(cur)
         super()._create(cur)
         connection.migrate(cur)
+        self._create_indexes(cur)
+
+    _DAY_NUMBER = journal.DAY_NUMBER
+
+    def _indexes(self) -> list[tuple[str, str, bool]]:
+        # Restore reads this instance's rows after its share's seq (none,
+        # normally), and verify sums each instance's rows up to a seq: both
+        # a short range of this index, not a scan of the day.
+        return [*super()._indexes(), ("budget_journal_tail", "day, instance, seq", False)]
+
+    def _index_exists(self, cur: Any, name: str) -> bool:
+        return connection.table_exists(cur, name)
+
+    def _unique_violation(self, exc: Exception) -> bool:
+        return connection.is_unique_violation(exc)
 
     def _table_exists(self, cur: Any, table: str) -> bool:
         return connection.table_exists(cur, table)
@@ -155,26 +152,29 @@ class PostgresStore(Store):
     def _json_marker(self) -> str:
         return "%s::jsonb"
 
-    def _journal_insert(self) -> str:
-        return journal.JOURNAL_INSERT
+    def _insert_journal(
+        self, cur: Any, batch: JournalBatch, result: WriteResult, stamp: Any
+    ) -> None:
+        refused, holders = journal.insert(cur, batch, self.instance)
+        if refused:
+            self._duplicates(refused, holders, result)
 
-    def _insert_journal(self, cur: Any, batch: JournalBatch, result: WriteResult) -> None:
-        journal.insert(cur, batch.json, self.instance, result)
+    def _share_cycles(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
+        journal.share_cycles(cur, snap, self.instance)
 
-    def _upsert_patch(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
-        sent = self._sent(cur, snap.day)[0]
-        super()._upsert_patch(cur, journal.summed_patch(cur, snap, self.instance, sent), stamp)
+    def _lock_patch(self, cur: Any, day: str) -> None:
+        journal.lock_patch(cur, day)
 
     def _insert_nudge(self, cur: Any, alert: Alert, stamp: Any) -> str:
         return journal.insert_nudge(cur, alert, self._json_param(alert.body()), stamp)
 
-    def _load(self, cur: Any, day: str) -> Restored:
-        """This instance's own share of ``day`` (from its share row and its
-        journal rows after it) plus the others' totals; dedupe ids and sent
-        alerts are global."""
-        own = journal.own_share(cur, day, self.instance)
-        entries = self._entries(cur, day, own.seq if own else -1, self.instance)
-        return self._restored(cur, day, own, entries, shares.others(cur, day, self.instance))
+    def _tail(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
+        # Only this instance's rows (the others' are in their shares), by
+        # the (day, instance, seq) index.
+        return self._entries(cur, day, after_seq, self.instance)
+
+    def _others(self, cur: Any, day: str) -> Others:
+        return shares.others(cur, day, self.instance)
 
     def _max_seq(self, cur: Any) -> int:
         return journal.max_seq(cur)
