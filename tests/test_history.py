@@ -79,14 +79,24 @@ def test_sqlite_day_totals_trust_a_patch_only_when_it_holds_every_row(sqlite_url
         patch_only = msgspec.structs.replace(
             lagging, day="2026-12-06", daily_spend=Decimal("5"), dispatches=7, seq=0
         )
-        store.write(entries, [lagging, patch_only], [], at)
+        store.write(entries, [], [], at)
+        # Written as they were (the store writes a patch as the sum of the
+        # day's shares, which never lags its own transaction).
+        patches = [lagging, patch_only]
         sql_setup(
             sqlite_url,
             [
+                *(
+                    (
+                        "INSERT OR REPLACE INTO quilt_patches VALUES (%s, %s, %s, %s, %s)",
+                        ("budget", snap.patch_name, json.dumps(snap.body()), "x", "x"),
+                    )
+                    for snap in patches
+                ),
                 (
                     "INSERT INTO quilt_patches VALUES (%s, %s, %s, %s, %s)",
                     ("budget", "budget_2026-12-07", "{}", "x", "x"),
-                )
+                ),
             ],
         )
         totals = store.day_totals("2026-12-01", "2026-12-10")
