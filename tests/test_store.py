@@ -489,3 +489,28 @@ def test_an_older_single_instance_service_and_this_version_exclude_each_other(
         new.close()
     finally:
         old.close()
+
+
+def test_rows_written_without_their_share_join_it_at_restore(
+    database_url: str, store: Store
+) -> None:
+    """Journal rows put there by hand (or by a version that kept no shares)
+    are restored, and added to the share, so the patch and the nudge guard
+    see them too."""
+    store.write([_entry(1, "a", "0.5")], [], [], T0)
+    instance = "" if not store.shared else f"'{store.instance}'"
+    columns = "seq, day, dispatch_id, usd, recorded_at"
+    values = f"2, '{DAY}', 'by-hand', '7.5', '{T0.isoformat()}'"
+    if store.shared:
+        columns, values = f"instance, {columns}", f"{instance}, {values}"
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
+            conn.execute(f"INSERT INTO budget_journal ({columns}) VALUES ({values})")
+    else:
+        with psycopg.connect(database_url) as conn:
+            conn.execute(f"INSERT INTO budget_journal ({columns}) VALUES ({values})")
+    restored = store.load(DAY)
+    assert [e.cost.dispatch_id for e in restored.entries] == ["by-hand"]
+    assert restored.patch is not None and restored.patch.daily_spend == Decimal("0.5")
+    assert store.load(DAY).patch.daily_spend == Decimal("8")  # type: ignore[union-attr]
+    assert store.write([], [], [_alert()], T0).inserted == {f"budget_alert_{DAY}_80"}

@@ -223,7 +223,12 @@ class SqliteStore(Store):
             refused = [e for e in batch.entries if e.seq not in new]
             self._duplicates(refused, self._holders(cur, refused), result)
         cur.execute("RELEASE SAVEPOINT journal")
-        for day, (spend, count, top) in JournalBatch.sums(inserted).items():
+        self._add_to_share(cur, JournalBatch.sums(inserted), stamp)
+
+    def _add_to_share(
+        self, cur: Any, sums: dict[str, tuple[Decimal, int, int]], stamp: Any
+    ) -> None:
+        for day, (spend, count, top) in sums.items():
             cur.execute("SELECT spend FROM budget_shares WHERE day = ? AND instance = ''", (day,))
             row = cur.fetchone()
             total = add(Decimal(row[0]), spend) if row else spend

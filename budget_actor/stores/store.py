@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -798,6 +798,12 @@ class Store(ABC):
                 seq=int(row[3]),
             )
         entries = self._tail(cur, day, own.seq if own else -1)
+        if entries and not self._read_only:
+            # Rows written without their share (by hand, or by a version that
+            # kept none): counted into it now, so that the share is the exact
+            # sum of the rows again, for the patches and the nudge guard.
+            stamp = self._time_param(datetime.now(UTC))
+            self._add_to_share(cur, JournalBatch.sums(entries), stamp)
         sent, forecast_sent = self._sent(cur, day)
         max_seq = self._max_seq(cur)
         if own is not None:
@@ -812,6 +818,13 @@ class Store(ABC):
             instance=self.instance if self.shared else None,
             others=self._others(cur, day) if self.shared else None,
         )
+
+    @abstractmethod
+    def _add_to_share(
+        self, cur: Any, sums: dict[str, tuple[Decimal, int, int]], stamp: Any
+    ) -> None:
+        """Add ``sums`` (day -> spend, count, highest seq: see
+        :meth:`JournalBatch.sums`) to this service's shares."""
 
     def _tail(self, cur: Any, day: str, after_seq: int) -> list[JournalEntry]:
         """This service's journal entries of ``day`` after ``after_seq``."""

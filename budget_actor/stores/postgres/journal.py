@@ -6,6 +6,7 @@ Every function runs inside the store's transaction, on its cursor.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from ...core.dedupe import neighbours
@@ -82,6 +83,19 @@ def insert(
     for day, dispatch_id, holder, seq, held_on in cur.fetchall():
         holders.setdefault((day, dispatch_id), []).append((holder, int(seq), held_on))
     return refused, holders
+
+
+def add_to_share(cur: Any, sums: dict[str, tuple[Decimal, int, int]], instance: str | None) -> None:
+    """Add ``sums`` (day -> spend, count, highest seq) to ``instance``'s shares:
+    rows that reached the journal without their share."""
+    for day, (spend, count, top) in sums.items():
+        cur.execute(
+            "INSERT INTO budget_shares AS s (day, instance, spend, dispatches, seq)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (day, instance) DO UPDATE SET"
+            " spend = s.spend + excluded.spend, dispatches = s.dispatches + excluded.dispatches,"
+            " seq = GREATEST(s.seq, excluded.seq), updated_at = now()",
+            (day, instance, spend, count, top),
+        )
 
 
 def share_cycles(cur: Any, snap: Snapshot, instance: str | None) -> None:

@@ -159,6 +159,11 @@ class PostgresStore(Store):
         if refused:
             self._duplicates(refused, holders, result)
 
+    def _add_to_share(
+        self, cur: Any, sums: dict[str, tuple[Decimal, int, int]], stamp: Any
+    ) -> None:
+        journal.add_to_share(cur, sums, self.instance)
+
     def _share_cycles(self, cur: Any, snap: Snapshot, stamp: Any) -> None:
         journal.share_cycles(cur, snap, self.instance)
 
