@@ -379,3 +379,25 @@ async def test_a_real_serve_acks_a_resend_after_midnight_as_a_duplicate(
     patch = rows(database_url, f"SELECT body FROM quilt_patches WHERE name = 'budget_{D2}'")
     body = patch[0][0] if isinstance(patch[0][0], dict) else json.loads(patch[0][0])
     assert (body["daily_spend"], body["dispatches"]) == ("1.5", 1)
+
+
+async def test_a_costs_batch_after_midnight_dedupes_each_item(database_url: str) -> None:
+    """`costs` (one message for many items) as `cost`: items counted
+    yesterday, whether still in the cache, evicted, or from before a
+    restart, are duplicates with their original seqs; the others count."""
+    config = make_config(daily_cap="100", dedupe_cache=2)
+    clock = WallClock(datetime(2026, 12, 1, 23, 59, 50, tzinfo=UTC))
+    async with open_budget(config, database=database_url, clock=clock) as budget:
+        first = [await budget.record(f"y-{i}", "1") for i in range(4)]  # y-0, y-1 evicted
+        clock.advance(20)
+        items = [Cost(f"y-{i}", Decimal("1")) for i in (0, 3)] + [Cost("new-1", Decimal(2))]
+        receipt = await budget.submit_many(items)
+        await receipt.durable.wait()
+        assert receipt.duplicates == [True, True, False]
+        assert receipt.seqs[:2] == [first[0].seq, first[3].seq]
+        assert (await budget.health()).daily_spend == Decimal("2")
+    async with open_budget(config, database=database_url, clock=clock) as budget:
+        receipt = await budget.submit_many([Cost("y-1", Decimal("1")), Cost("new-2", Decimal(3))])
+        await receipt.durable.wait()
+        assert (receipt.duplicates, receipt.seqs[0]) == ([True, False], first[1].seq)
+        assert (await budget.health()).daily_spend == Decimal("5")
