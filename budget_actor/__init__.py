@@ -6,8 +6,8 @@ The public API:
 * :class:`BudgetConfig` / :func:`make_config`: the cap, thresholds and friends;
 * :class:`Spend`, :class:`AlertNotice`, :class:`Health`: what it reports;
 * :class:`Receipt`: what :meth:`Budget.record` returns;
-* errors: :class:`InvalidCost`, :class:`ServiceStopped`, :class:`StoreError`,
-  :class:`ConfigError`, :class:`Escalation`.
+* errors: :class:`InvalidCost`, :class:`CostUnavailable`, :class:`ServiceStopped`,
+  :class:`StoreError`, :class:`ConfigError`, :class:`Escalation`.
 
 The network face is ``budget_actor.net.server.serve`` (used by ``budget-actor
 serve``); the command line is ``budget_actor.cli.main``. Programs in other
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .core.config import BudgetConfig, ConfigError, make_config
     from .core.cost import InvalidCost
     from .core.views import Admission, AlertNotice, Health, Receipt, Spend, Update
-    from .runtime.messages import ServiceStopped
+    from .runtime.messages import CostUnavailable, ServiceStopped
     from .runtime.service import Budget, open_budget
     from .runtime.supervisor import Escalation, RestartPolicy
     from .stores.open import open_store
@@ -43,6 +43,7 @@ _HOMES = {
     "Receipt": ".core.views",
     "Spend": ".core.views",
     "Update": ".core.views",
+    "CostUnavailable": ".runtime.messages",
     "ServiceStopped": ".runtime.messages",
     "Budget": ".runtime.service",
     "InvalidCost": ".core.cost",
@@ -60,6 +61,7 @@ __all__ = [
     "Budget",
     "BudgetConfig",
     "ConfigError",
+    "CostUnavailable",
     "Escalation",
     "Health",
     "InvalidCost",

@@ -1,5 +1,5 @@
-"""A TCP proxy that a test can cut and restore: a database outage on demand,
-without touching the machine's shared PostgreSQL server."""
+"""A TCP proxy that a test can cut and restore, or stall and resume: a database
+outage on demand, without touching the machine's shared PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ class CuttableProxy:
         self.port = 0
         self.down = False
         self._live: set[trio.CancelScope] = set()
+        # Set while bytes flow; a stall replaces it with an unset one.
+        self._flowing = trio.Event()
+        self._flowing.set()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -31,6 +34,17 @@ class CuttableProxy:
     def restore(self) -> None:
         self.down = False
 
+    def stall(self) -> None:
+        """Keep every connection open and accept new ones, but pass no byte
+        on until :meth:`resume`: a server that accepts and never answers. The
+        kernel still acknowledges what the client sends, so no TCP timeout
+        fires on the client's side."""
+        if self._flowing.is_set():
+            self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def url_for(self, url: str) -> str:
         """``url`` with its host and port replaced by this proxy's."""
         parts = urlsplit(url)
@@ -44,26 +58,27 @@ class CuttableProxy:
         with trio.CancelScope() as scope:
             self._live.add(scope)
             try:
+                await self._flowing.wait()
                 upstream = await trio.open_tcp_stream(*self.target)
                 async with upstream, client, trio.open_nursery() as nursery:
-                    nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope)
-                    nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope)
+                    nursery.start_soon(self._pipe, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(self._pipe, upstream, client, nursery.cancel_scope)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
                 self._live.discard(scope)
         await trio.aclose_forcefully(client)
 
-
-async def _pipe(
-    source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
-) -> None:
-    try:
-        while data := await source.receive_some(65536):
-            await sink.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    scope.cancel()
+    async def _pipe(
+        self, source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await self._flowing.wait()
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
 
 
 def target_of(url: str) -> tuple[str, int]:

@@ -23,6 +23,12 @@ DEFAULT_SYNC_INTERVAL_S = 0.2
 # Ten million ids would take about 1.3 GB: far past what a cache in front of
 # the store's unique keys is for.
 MAX_DEDUPE_CACHE = 10_000_000
+# The longest a store write (or a shared-budget query) may take before it
+# counts as failed: costs then go to the spill file, or are answered
+# `unavailable`, instead of waiting on a database that accepts connections
+# but never answers. A healthy commit of a full batch takes milliseconds; 5 s
+# leaves room for a loaded server while keeping the contract's "within seconds".
+DEFAULT_STORE_TIMEOUT_S = 5.0
 
 
 class ConfigError(ValueError):
@@ -47,6 +53,8 @@ class BudgetConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Recent dispatch ids kept in memory to answer duplicates at once; older
     # ones are refused by the store's unique keys (see core/dedupe.py).
     dedupe_cache: int = DEFAULT_DEDUPE_CACHE
+    # Seconds a store write or query may take before it counts as failed.
+    store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S
 
     @property
     def zone(self) -> ZoneInfo:
@@ -65,6 +73,7 @@ def make_config(
     reservation_ttl_s: object = DEFAULT_RESERVATION_TTL_S,
     sync_interval_s: object = DEFAULT_SYNC_INTERVAL_S,
     dedupe_cache: object = DEFAULT_DEDUPE_CACHE,
+    store_timeout_s: object = DEFAULT_STORE_TIMEOUT_S,
 ) -> BudgetConfig:
     """Validate raw option values (strings from the command line, or Python
     values) and return a :class:`BudgetConfig`.
@@ -116,6 +125,16 @@ def make_config(
     # the "global" spend would not deserve the name.
     if not 0.01 <= interval <= 60:
         raise ConfigError("`sync-interval` must be between 0.01 and 60 seconds")
+    try:
+        store_timeout = float(str(store_timeout_s))
+    except ValueError:
+        raise ConfigError(
+            f"`store-timeout` must be a number of seconds, got {store_timeout_s!r}"
+        ) from None
+    # Below 0.1 s a busy but healthy database would count as down; above a
+    # minute a dispatcher would wait far past "within seconds" for an answer.
+    if not 0.1 <= store_timeout <= 60:
+        raise ConfigError("`store-timeout` must be between 0.1 and 60 seconds")
     if not alert_to.strip():
         raise ConfigError("`alert-to` must not be empty")
     return BudgetConfig(
@@ -129,6 +148,7 @@ def make_config(
         reservation_ttl_s=ttl,
         sync_interval_s=interval,
         dedupe_cache=_cache_size(dedupe_cache),
+        store_timeout_s=store_timeout,
     )
 
 

@@ -94,9 +94,17 @@ class RecentIds:
         if dispatch_id not in generation.ids:
             generation.order.append(dispatch_id)
         generation.ids[dispatch_id] = seq
-        if len(self._today.ids) + len(self._previous.ids) > self.capacity:
+        while len(self._today.ids) + len(self._previous.ids) > self.capacity:
             oldest = self._previous if self._previous.ids else self._today
-            del oldest.ids[oldest.order.popleft()]
+            # (An id forgotten since it came may still be in the order.)
+            oldest.ids.pop(oldest.order.popleft(), None)
+
+    def forget(self, dispatch_id: str, seq: int) -> None:
+        """Forget ``dispatch_id`` if ``seq`` counted it: that cost was taken
+        back out (never made durable), and its resend must count."""
+        for generation in (self._today, self._previous):
+            if generation.ids.get(dispatch_id) == seq:
+                del generation.ids[dispatch_id]
 
     def next_day(self, *, adjacent: bool = True) -> None:
         """The day rolled over: today's ids become yesterday's, and the day

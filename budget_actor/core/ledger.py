@@ -18,8 +18,9 @@ back (an NTP step must not reopen yesterday).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Generic, Literal, TypeVar
 
@@ -108,6 +109,12 @@ def day_bounds(now: datetime, config: BudgetConfig) -> tuple[str, datetime, date
     return local.isoformat(), start, end
 
 
+def day_start(day: str, config: BudgetConfig) -> datetime:
+    """When the budget day ``day`` (``YYYY-MM-DD``) begins, in UTC."""
+    local = datetime.combine(date.fromisoformat(day), time(0), tzinfo=config.zone)
+    return local.astimezone(UTC)
+
+
 @dataclass
 class _Day:
     day: str
@@ -178,6 +185,9 @@ class Ledger:
         # never counted them, so it never takes them back out.
         self._restored_seq = seq
         self._recent = RecentIds(config.dedupe_cache)
+        # Seqs above _durable_seq of costs that were refused (never durable,
+        # taken back out): they will never be confirmed, so not pending.
+        self._refused: set[int] = set()
         self._store_ok = True
         self._catching_up = False
         self._last_persist_at: datetime | None = None
@@ -201,8 +211,13 @@ class Ledger:
         effects are alerts that the journal shows as crossed but that
         have no nudge row yet (the process died between the two); sent alerts
         are never sent again.
+
+        ``restored`` may be of a day later than ``now``'s (the clock was set
+        back across midnight, see :meth:`tick`): the ledger then stays on that
+        day, as a running one would, and never reopens an earlier one.
         """
-        ledger = cls(config, now, seq=restored.max_seq, instance=restored.instance)
+        anchor = max(now, day_start(restored.day, config))
+        ledger = cls(config, anchor, seq=restored.max_seq, instance=restored.instance)
         today = ledger._today
         if restored.day != today.day:
             # The store was read for another day (midnight passed while
@@ -385,6 +400,35 @@ class Ledger:
         if day in (today.day, today.previous):
             self._recent.add(dispatch_id, seq, yesterday=day != today.day)
 
+    def refuse(self, now: datetime, entries: Sequence[JournalEntry]) -> Outcome[None]:
+        """These costs could not be made durable (the store and the spill file
+        both failed): they were never acknowledged, and their senders will
+        send them again. Take each back out (spend, dispatches, the cache of
+        recent ids) as if it had never come, so that the resend counts it once.
+
+        Only an entry that this ledger counted today (its seq, not taken out
+        before) changes the figures. Thresholds already crossed stay sent.
+        Sequence numbers are not given out again; a refused one is simply
+        never confirmed, and no longer counts as pending. Taking a cost back
+        never makes anything due.
+        """
+        today = self._today
+        for entry in entries:
+            if entry.seq > self._durable_seq:
+                self._refused.add(entry.seq)
+            cost = entry.cost
+            self._recent.forget(cost.dispatch_id, entry.seq)
+            mine = self._restored_seq < entry.seq <= self._seq
+            if entry.day != today.day or not mine or entry.seq in today.uncounted:
+                continue
+            today.uncounted.add(entry.seq)
+            today.spend = sub(today.spend, cost.usd)
+            today.total = sub(today.total, cost.usd)
+            today.dispatches -= 1
+            self.version += 1
+        today.burn.observe(now, today.spend)
+        return NOTHING
+
     def withdraw(self, now: datetime, alert: Alert) -> Outcome[None]:
         """The store refused ``alert``'s nudge as premature (the shared spend
         has not reached it): arm its threshold again, and re-check."""
@@ -403,10 +447,12 @@ class Ledger:
         if latency_s:
             self._persist_latency_s = latency_s
         self._durable_seq = max(self._durable_seq, seq)
+        if self._refused:
+            self._refused = {s for s in self._refused if s > self._durable_seq}
         self._store_ok = True
         if patch_written:
             self._last_persist_at = at
-        if self._durable_seq >= self._seq:
+        if self._pending() == 0:
             self._catching_up = False
         return NOTHING
 
@@ -545,7 +591,7 @@ class Ledger:
             uptime_s=uptime_s,
             dispatches=today.dispatches + (others.dispatches if others else 0),
             seq=self._seq,
-            pending=self._seq - self._durable_seq,
+            pending=self._pending(),
             burn_rate_5m=today.burn.rate(now, 300),
             burn_rate_60m=burn_60m,
             projected_spend=project(today.total, burn_60m, now, today.ends_at),
@@ -566,11 +612,15 @@ class Ledger:
     def _lag(self, now: datetime) -> float:
         """Seconds the store is behind: since its last confirmed write, while
         accepted costs wait for it; 0 when it has everything."""
-        if self._seq <= self._durable_seq or self._last_write_at is None:
+        if self._pending() == 0 or self._last_write_at is None:
             return 0.0
         return round(max((now - self._last_write_at).total_seconds(), 0.0), 3)
 
     # -- internals -----------------------------------------------------------
+
+    def _pending(self) -> int:
+        """Counted costs that the store has not confirmed yet."""
+        return self._seq - self._durable_seq - len(self._refused)
 
     def _arm(self) -> None:
         """Recompute the spend at which the next threshold alert falls due."""

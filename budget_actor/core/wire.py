@@ -26,7 +26,13 @@ _HealthId = Annotated[
 ]
 
 ErrorCode = Literal[
-    "invalid_message", "invalid_cost", "forbidden", "unauthorized", "too_large", "overloaded"
+    "invalid_message",
+    "invalid_cost",
+    "forbidden",
+    "unauthorized",
+    "too_large",
+    "overloaded",
+    "unavailable",
 ]
 
 
@@ -110,21 +116,24 @@ class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
     seq: int
 
 
-class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
+class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type", omit_defaults=True):
     code: ErrorCode
     detail: str
+    # `unavailable` names the cost it refuses (the first, for a `costs` batch).
+    dispatch_id: str | None = None
 
 
 class WireError(Exception):
     """A frame that cannot be accepted; ``code`` and ``detail`` go to the client."""
 
-    def __init__(self, code: ErrorCode, detail: str) -> None:
+    def __init__(self, code: ErrorCode, detail: str, dispatch_id: str | None = None) -> None:
         super().__init__(detail)
         self.code: ErrorCode = code
         self.detail = detail
+        self.dispatch_id = dispatch_id
 
     def frame(self) -> bytes:
-        return encode(Error(self.code, self.detail))
+        return encode(Error(self.code, self.detail, self.dispatch_id))
 
 
 _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(

@@ -23,7 +23,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -91,6 +93,10 @@ RETRY_AFTER_S = b"1"
 # A peer that does not finish the WebSocket closing handshake in this time is
 # simply disconnected.
 CLOSE_TIMEOUT_S = 2.0
+# trio logs every failed accept() (no descriptor left, EMFILE) with a
+# traceback and retries every 0.1 s: ten tracebacks a second for as long as
+# the shortage lasts. One line per interval says the same.
+ACCEPT_ERROR_LOG_EVERY_S = 10.0
 
 
 class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,6 +175,7 @@ async def serve(
     is logged and closes that connection only.
     """
     server = _Server(budget, options or ServerOptions())
+    _quiet_accept_errors()
     tcp = await trio.open_tcp_listeners(port, host=host)
     real_port = tcp[0].socket.getsockname()[1]
     if port == 0 and any(t.socket.getsockname()[1] != real_port for t in tcp):
@@ -191,6 +198,35 @@ async def serve(
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.handle, listeners)
         task_status.started(real_port)
+
+
+class _OncePer(logging.Filter):
+    """Lets one record through per interval, without its traceback; the next
+    one that passes says how many were held back meanwhile."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._passed_at = -math.inf
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._passed_at < self.interval_s:
+            self._held += 1
+            return False
+        if self._held:
+            record.msg = f"{record.msg} (and %d times more since the last report)"
+            record.args = (*(record.args if isinstance(record.args, tuple) else ()), self._held)
+        record.exc_info = record.exc_text = None
+        self._passed_at, self._held = now, 0
+        return True
+
+
+def _quiet_accept_errors() -> None:
+    accept_log = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, _OncePer) for f in accept_log.filters):
+        accept_log.addFilter(_OncePer(ACCEPT_ERROR_LOG_EVERY_S))
 
 
 class _Server:
@@ -611,6 +647,27 @@ class _Session:
             async for dispatch_id, receipt in acks:
                 if not receipt.durable.is_set():  # a set event would still cost a checkpoint
                     await receipt.durable.wait()
+                if receipt.unavailable:
+                    # Not counted, not acknowledged; the service runs on.
+                    if isinstance(dispatch_id, str):
+                        first = dispatch_id
+                        detail = (
+                            f"cost {first!r} could not be made durable now (database and spill"
+                            " file failing); it was not counted: resend it later with the same"
+                            " dispatch_id"
+                        )
+                    else:
+                        first = dispatch_id[0]
+                        detail = (
+                            f"the batch of {len(dispatch_id)} costs from {first!r} could not all"
+                            " be made durable now (database and spill file failing); what was"
+                            " not durable was not counted: resend the batch later (what did"
+                            " count comes back as duplicates)"
+                        )
+                    error = WireError("unavailable", detail, first)
+                    self.errors["unavailable"] += 1
+                    await self.ws.send_message(error.frame().decode())
+                    continue
                 if receipt.failed:
                     # Never acknowledged: the client must resend from here on.
                     await self.ws.aclose(1011, "service stopped; resend unacknowledged costs")

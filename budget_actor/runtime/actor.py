@@ -36,7 +36,7 @@ import trio
 
 from ..core.config import BudgetConfig
 from ..core.ledger import AlertDue, Effect, Ledger, PatchDue, day_of
-from ..core.records import Alert
+from ..core.records import Alert, JournalEntry
 from ..core.views import Admission, AlertNotice
 from ..stores.spill import SpillFile
 from ..stores.store import Store
@@ -161,15 +161,33 @@ class BudgetActor:
             await trio.to_thread.run_sync(
                 drain_spill, self._spill, self.store, self.config, now, limiter=self._limiter
             )
-        restored = await trio.to_thread.run_sync(
-            self.store.load, day_of(now, self.config), limiter=self._limiter
-        )
+        day = day_of(now, self.config)
+        latest = await trio.to_thread.run_sync(self.store.latest_day, limiter=self._limiter)
+        if latest is not None and latest > day:
+            # The clock was set back across midnight: a day already counted in
+            # must not be reopened (the costs resent now would count again in
+            # the earlier one). Stay on it until the clock gets past it.
+            log.warning(
+                "the clock says %s but the journal already has costs of %s; counting on %s",
+                day,
+                latest,
+                latest,
+            )
+            day = latest
+        restored = await trio.to_thread.run_sync(self.store.load, day, limiter=self._limiter)
         restoring = Ledger.restore(self.config, self._clock(), restored)
         self._ledger = ledger = restoring.value
         self._started_at = trio.current_time()
         self.ready = True
         persister = Persister(
-            self.store, self._persist, self._limiter, self._clock, self._outbox.send, self._stats
+            self.store,
+            self._persist,
+            self._limiter,
+            self._clock,
+            self._outbox.send,
+            self._stats,
+            refuse=self._refused,
+            timeout_s=self.config.store_timeout_s,
         )
         alerter = Alerter(self._alerts, self._persist, self._outbox.send)
         children = [
@@ -393,6 +411,26 @@ class BudgetActor:
 
     def _on_shutdown(self, message: Shutdown) -> None:
         self._stopping = True
+
+    def _refused(self, entries: list[JournalEntry]) -> None:
+        """The persister's hook: ``entries`` could not be made durable, and
+        their senders were told ``unavailable``. Take them back out of the
+        ledger, and queue today's patch: the write that finds out when the
+        store takes writes again (health stays ``degraded`` until then).
+
+        Called synchronously from the persister's task, not through the
+        mailbox: between the refusal and the uncount, no message may count
+        a resend as a duplicate or snapshot a patch that still holds these
+        costs. That is safe without a lock because trio runs one task at a
+        time and the actor never awaits in the middle of changing the ledger.
+        """
+        if not self.ready:
+            return
+        ledger = self._ledger
+        before = ledger.version
+        ledger.refuse(self._clock(), entries)
+        self._persist.put(PatchJob(ledger.snapshot()))
+        self._publish_if_changed(ledger, before)
 
     def _restarted(self, child: str) -> None:
         # Counted by the actor, which owns the figures; never blocks.

@@ -27,6 +27,14 @@ class ServiceStopped(RuntimeError):
     was not acknowledged: resend it with the same ``dispatch_id``)."""
 
 
+class CostUnavailable(RuntimeError):
+    """The cost could not be made durable now: the store and the spill file
+    both failed (a full disk, an I/O error, a database that does not answer).
+    It was **not** counted and not acknowledged; send it again later with the
+    same ``dispatch_id`` (it then counts once). Health is ``degraded`` until
+    writes succeed again, which the service notices by itself."""
+
+
 class Reply(Generic[T]):
     """A one-shot answer: the actor calls :meth:`set` (or :meth:`fail`), the
     requester awaits :meth:`get`."""
@@ -65,12 +73,15 @@ class CostReceipt:
     store. An ``ack`` is sent only after ``durable``.
     """
 
-    __slots__ = ("duplicate", "durable", "failed", "seq")
+    __slots__ = ("duplicate", "durable", "failed", "seq", "unavailable")
 
     def __init__(self) -> None:
         self.seq = 0
         self.duplicate = False
         self.failed = False
+        #: With ``failed``: the service runs on, but could not make this cost
+        #: durable (answer `unavailable`; the connection stays open).
+        self.unavailable = False
         self.durable = trio.Event()
 
     def fail(self) -> None:
@@ -78,6 +89,15 @@ class CostReceipt:
         which must not acknowledge it."""
         if not self.durable.is_set():
             self.failed = True
+            self.durable.set()
+
+    def refuse(self) -> None:
+        """The cost (for a batch: one of its costs) could not be made durable
+        and was taken back out of the spend: wake the waiter, which answers
+        `unavailable` and acknowledges nothing."""
+        if not self.durable.is_set():
+            self.failed = True
+            self.unavailable = True
             self.durable.set()
 
 

@@ -17,24 +17,39 @@ one transaction, the spill file is emptied, and normal operation resumes.
 Without a spill file, the batch is simply retried until the store takes it, and
 acks wait.
 
+**Write failures.** A store call that does not answer within the configured
+``store_timeout_s`` counts as failed (its worker thread is abandoned and the
+store interrupted), so a database that accepts connections but never answers
+cannot hold acks. When the spill file cannot be written either (a full disk,
+an I/O error), the costs of the batch cannot be made durable: they are
+*refused*. Their waiters are answered ``unavailable`` (never acknowledged),
+and the actor's ``refuse`` hook takes them back out of the ledger at once, in
+the same step as the barriers of duplicates (and of ``costs`` batches) that
+relied on them are refused too, so that a resend counts once.
+The hook then queues today's patch, which is the probe: the store is retried
+with backoff until it takes it, and health is ``degraded`` until then.
+
 The queue, the in-memory waiting jobs and the spill file live in
 :class:`PersistQueue`, which outlives any one run of the persister, so a
 restarted persister resumes exactly where the failed one stopped. Writes are
 idempotent (journal rows by seq and id, nudges by name, patches by upsert), so
 re-writing a batch that did commit is harmless.
 
-Cancellation: a write in progress always completes (trio waits for the worker
-thread); unwritten jobs stay in the queue for :meth:`Persister.final_flush`.
+Cancellation: a write in progress completes or reaches its deadline (it is
+shielded); unwritten jobs stay in the queue for :meth:`Persister.final_flush`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
+from typing import TypeVar
 
 import msgspec
 import trio
@@ -48,6 +63,11 @@ from .stats import ServiceStats
 
 log = logging.getLogger("budget_actor.persister")
 
+T = TypeVar("T")
+
+# The actor's hook for refused costs (see the module's docstring).
+RefuseHook = Callable[[list[JournalEntry]], None]
+
 # Upper bound on jobs per transaction: large enough that group commit amortises
 # the fsync (one commit for thousands of costs), small enough that one
 # transaction never holds the store for long.
@@ -59,6 +79,10 @@ RETRY_MAX_S = 2.0
 # At shutdown, a store that has not answered this long before the deadline is
 # given up on, leaving time to spill what it did not take.
 SPILL_RESERVE_S = 2.0
+# While writes keep failing, every refused batch would log a line (and the
+# log may live on the very disk that is full): one line per interval, with
+# the count since the last one.
+REFUSAL_LOG_EVERY_S = 10.0
 
 
 class JournalJob(msgspec.Struct):
@@ -138,6 +162,34 @@ class PersistQueue:
         self._inbox.clear()
         return jobs
 
+    def hold(self, job: Job) -> None:
+        """Keep a patch or nudge until the store is back."""
+        if isinstance(job, PatchJob):
+            # Only the newest patch of a day is written (see Store.write), so
+            # a long outage must not pile up the ones it supersedes.
+            day = job.snapshot.day
+            self.held = [
+                h for h in self.held if not (isinstance(h, PatchJob) and h.snapshot.day == day)
+            ]
+        self.held.append(job)
+
+    def forget(self, refused: list[JournalEntry]) -> None:
+        """``refused`` will never be durable: refuse every barrier that waits
+        on one of them (a duplicate's ack, or a ``costs`` batch's, would vouch
+        for a cost that is in no journal). Queued patches need nothing: the
+        store writes a patch as the sum of what it holds."""
+        seqs = {entry.seq for entry in refused}
+        for job in itertools.chain(self.held, self.batch, self._inbox):
+            if isinstance(job, BarrierJob):
+                receipt = job.receipt
+                relies = (
+                    any(seq in seqs for seq in receipt.seqs)
+                    if isinstance(receipt, BatchReceipt)
+                    else receipt.seq in seqs
+                )
+                if relies:
+                    receipt.refuse()
+
     def unfinished(self) -> list[Job]:
         """Every job not written, for failing its waiters when the service ends."""
         return self.held + self.batch + list(self._inbox)
@@ -168,6 +220,9 @@ class Persister:
         clock: Callable[[], datetime],
         report: Callable[[Message], Awaitable[None]],
         stats: ServiceStats | None = None,
+        *,
+        refuse: RefuseHook | None = None,
+        timeout_s: float = 5.0,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -175,6 +230,14 @@ class Persister:
         self.clock = clock
         self.report = report
         self.stats = stats or ServiceStats()
+        self.refuse = refuse
+        self.timeout_s = timeout_s
+        # The spill file's own: a store call abandoned at its deadline keeps
+        # the store's limiter until its thread ends, and spilling must not
+        # wait for that.
+        self.spill_limiter = trio.CapacityLimiter(1)
+        self._refusals_logged_at = -math.inf
+        self._refusals_unlogged = 0
 
     async def run(self) -> None:
         """Commit batches until cancelled (then :meth:`final_flush` takes over)."""
@@ -187,7 +250,7 @@ class Persister:
                 with trio.move_on_at(next_try):
                     await queue.wait()
                 if queue.batch:
-                    await self._spill(queue.batch)
+                    await self._spill_or_refuse(queue.batch)
                     queue.batch = []
                 if trio.current_time() >= next_try:
                     if await self._drain():
@@ -204,7 +267,7 @@ class Persister:
                 await self._tell(StoreReport(ok=False, seq=0, at=self.clock()))
                 if queue.spill is not None:
                     log.warning("store write failed (%s); spilling to %s", exc, queue.spill.path)
-                    await self._spill(queue.batch)
+                    await self._spill_or_refuse(queue.batch)
                     queue.batch = []
                     next_try = trio.current_time() + delay
                 else:
@@ -230,6 +293,9 @@ class Persister:
         without a spill file it retries until the deadline cancels it. A store
         that hangs instead of failing is abandoned :data:`SPILL_RESERVE_S`
         before ``deadline`` (trio time), and the entries are spilled then.
+        If the spill file cannot be written either, the flush ends with the
+        jobs left in the queue: their waiters are then failed (never
+        acknowledged), and their costs count when resent to the next run.
         """
         queue = self.queue
         pending = queue.held + queue.batch + queue.take_all() + extra
@@ -237,14 +303,15 @@ class Persister:
             pending.append(PatchJob(final_patch))
         queue.held, queue.batch = [], []
         delay = RETRY_INITIAL_S
+        give_up_at = deadline - SPILL_RESERVE_S
         while pending or queue.behind:
             chunk = pending[:MAX_BATCH]
             try:
-                with trio.move_on_at(deadline - SPILL_RESERVE_S) as attempt:
+                with trio.move_on_at(give_up_at) as attempt:
                     if queue.behind:
-                        await self._drain(raise_errors=True, abandon=True)
+                        await self._drain(raise_errors=True, until=give_up_at)
                     if chunk:
-                        await self._commit(chunk, abandon=True)
+                        await self._commit(chunk, until=give_up_at, final=True)
                 if attempt.cancelled_caught:
                     raise StoreError("the store did not answer before the shutdown deadline")
             except StoreError as exc:
@@ -252,7 +319,19 @@ class Persister:
                     # Every acknowledged cost is now in the spill file, and the
                     # next start drains it before restoring. Waiting for the
                     # store would only delay the shutdown.
-                    await self._spill(pending, beside_store=True)
+                    try:
+                        await self._spill(pending)
+                    except OSError as spill_exc:
+                        log.error(
+                            "store unreachable at shutdown (%s) and spill file %s not writable"
+                            " (%s); %d jobs not written, their costs not acknowledged",
+                            exc,
+                            queue.spill.path,
+                            spill_exc,
+                            len(pending),
+                        )
+                        queue.batch = pending
+                        return
                     log.warning(
                         "store unreachable at shutdown (%s); %d costs wait in %s",
                         exc,
@@ -277,8 +356,15 @@ class Persister:
         batch: list[Job],
         spilled: list[JournalEntry] | None = None,
         *,
-        abandon: bool = False,
+        until: float | None = None,
+        final: bool = False,
     ) -> None:
+        """Write ``batch`` (and ``spilled``) in one transaction, then complete
+        its jobs. Raises :class:`StoreError`, also when the store has not
+        answered within ``timeout_s`` (or by ``until``, trio time): the call's
+        thread is then abandoned and the store interrupted. Not cancellable
+        from outside while the write runs (at most until its deadline).
+        ``final``: at shutdown, with nobody left to report uncounts to."""
         entries: list[JournalEntry] = list(spilled or ())
         patches: list[Snapshot] = []
         nudges: list[Alert] = []
@@ -291,14 +377,8 @@ class Persister:
                 nudges.append(job.alert)
         now = self.clock()
         started = trio.current_time()
-        result = await trio.to_thread.run_sync(
-            self.store.write,
-            JournalBatch.of(entries),
-            patches,
-            nudges,
-            now,
-            limiter=self.limiter,
-            abandon_on_cancel=abandon,
+        result = await self._call(
+            self.store.write, JournalBatch.of(entries), patches, nudges, now, until=until
         )
         done_at = trio.current_time()
         self.stats.commit_duration.observe(done_at - started)
@@ -326,12 +406,12 @@ class Persister:
                 elif isinstance(job, CheckJob):
                     checks.append(job)
         _observe_acks(self.stats, batch, done_at)
-        if uncount and not abandon:
-            # (At shutdown, `abandon`, the actor is gone and its mailbox may
-            # be full; its successor restores from the store anyway.)
+        if uncount and not final:
+            # (At shutdown the actor is gone and its mailbox may be full; its
+            # successor restores from the store anyway.)
             await self._tell(Uncount(uncount))
         if checks:
-            await self._check(checks, abandon=abandon)
+            await self._check(checks, abandon=final)
 
     async def _check(self, checks: list[CheckJob], *, abandon: bool) -> None:
         """Look the checked ids up (after the batch before them is written)
@@ -346,9 +426,7 @@ class Persister:
         try:
             for day in {job.day for job in checks}:
                 ids = [job.admit.dispatch_id for job in checks if job.day == day]
-                found |= await trio.to_thread.run_sync(
-                    self.store.find, day, ids, limiter=self.limiter
-                )
+                found |= await self._call(self.store.find, day, ids)
         except StoreError as exc:
             for job in checks:
                 _unchecked(job, str(exc))
@@ -358,39 +436,102 @@ class Persister:
             job.admit.counted = found.get(job.admit.dispatch_id)
             await self._tell(job.admit)
 
-    async def _spill(self, batch: list[Job], *, beside_store: bool = False) -> None:
-        """Journal entries to the spill file (then acknowledged); the rest is held.
-
-        ``beside_store``: a store write may still hang in a worker thread
-        (abandoned at shutdown) holding the store's limiter; the spill file
-        is not the store, so do not wait for it.
+    async def _call(self, fn: Callable[..., T], *args: object, until: float | None = None) -> T:
+        """``fn(*args)`` on the store, in a worker thread. Raises what it
+        raises, and :class:`StoreError` when it has not answered within
+        ``timeout_s`` (or by ``until``, trio time): its thread is then
+        abandoned and the store interrupted, so that it lets the store go.
+        Shielded: cancellation waits for the call, at most until its deadline.
         """
+        deadline = trio.current_time() + self.timeout_s
+        if until is not None:
+            deadline = min(deadline, until)
+        with trio.CancelScope(deadline=deadline, shield=True) as scope:
+            return await trio.to_thread.run_sync(
+                fn, *args, limiter=self.limiter, abandon_on_cancel=True
+            )
+        assert scope.cancelled_caught
+        self.store.interrupt()
+        raise StoreError(f"{self.store.kind}: no answer within {self.timeout_s:g}s")
+
+    async def _spill(self, batch: list[Job]) -> None:
+        """Journal entries to the spill file (then acknowledged); the rest is
+        held. Raises ``OSError`` with nothing acknowledged or held."""
         spill = self.queue.spill
         assert spill is not None
         entries = [job.entry for job in batch if isinstance(job, JournalJob)]
-        limiter = None if beside_store else self.limiter
-        await trio.to_thread.run_sync(spill.append, entries, limiter=limiter)
+        await trio.to_thread.run_sync(spill.append, entries, limiter=self.spill_limiter)
         for job in batch:
             if isinstance(job, CheckJob):
                 _unchecked(job, "the store is unreachable")
             elif not _acknowledge(job):
-                self.queue.held.append(job)
+                self.queue.hold(job)
         _observe_acks(self.stats, batch, trio.current_time())
 
-    async def _drain(self, *, raise_errors: bool = False, abandon: bool = False) -> bool:
-        """Move the spill file and held jobs into the store; True on success."""
+    async def _spill_or_refuse(self, batch: list[Job]) -> None:
+        """Spill ``batch``; if the spill file fails too, refuse its costs."""
+        try:
+            await self._spill(batch)
+        except OSError as exc:
+            spill = self.queue.spill
+            assert spill is not None
+            self._refusals_unlogged += sum(isinstance(job, JournalJob) for job in batch)
+            now = trio.current_time()
+            if now - self._refusals_logged_at >= REFUSAL_LOG_EVERY_S:
+                log.error(
+                    "cannot write the spill file %s either (%s); %d costs answered"
+                    " unavailable (not counted; their senders resend them)",
+                    spill.path,
+                    exc,
+                    self._refusals_unlogged,
+                )
+                self._refusals_logged_at, self._refusals_unlogged = now, 0
+            self._refuse(batch)
+
+    def _refuse(self, batch: list[Job]) -> None:
+        """Neither the store nor the spill file took ``batch``: its costs are
+        answered ``unavailable`` and taken back out, in one step (no await),
+        so that nothing in between can count or acknowledge them; patches
+        and nudges wait for the store."""
+        queue = self.queue
+        refused = [job.entry for job in batch if isinstance(job, JournalJob)]
+        for job in batch:
+            if isinstance(job, JournalJob):
+                for receipt in (job.receipt, job.batch):
+                    if receipt is not None:
+                        receipt.refuse()
+            elif isinstance(job, BarrierJob):
+                job.receipt.refuse()
+            elif isinstance(job, CheckJob):
+                _unchecked(job, "the store is unreachable")
+            else:
+                queue.hold(job)
+        if refused:
+            queue.forget(refused)
+            if self.refuse is not None:
+                self.refuse(refused)
+
+    async def _drain(self, *, raise_errors: bool = False, until: float | None = None) -> bool:
+        """Move the spill file and held jobs into the store; True on success.
+
+        A spill file that cannot be read or emptied counts as a failure
+        (``raise_errors``: :class:`StoreError`); its entries stay in it, and a
+        later drain writes them again, harmlessly.
+        """
         queue = self.queue
         spill = queue.spill
         assert spill is not None
-        spilled = await trio.to_thread.run_sync(spill.read, limiter=self.limiter)
         try:
-            await self._commit(queue.held, spilled, abandon=abandon)
-        except StoreError as exc:
+            spilled = await trio.to_thread.run_sync(spill.read, limiter=self.spill_limiter)
+            await self._commit(queue.held, spilled, until=until, final=raise_errors)
+            await trio.to_thread.run_sync(spill.clear, limiter=self.spill_limiter)
+        except (StoreError, OSError) as exc:
             if raise_errors:
+                if isinstance(exc, OSError):
+                    raise StoreError(f"spill file {spill.path}: {exc}") from exc
                 raise
             log.info("store still unreachable (%s); %d costs spilled", exc, spill.count)
             return False
-        await trio.to_thread.run_sync(spill.clear, limiter=self.limiter)
         done, queue.held = queue.held, []
         log.info("store is back; %d spilled costs drained", len(spilled))
         await self._report_ok(done, max((e.seq for e in spilled), default=0))

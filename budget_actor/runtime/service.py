@@ -41,6 +41,7 @@ from .messages import (
     BatchReceipt,
     ChildFailed,
     CostReceipt,
+    CostUnavailable,
     CountCycle,
     Message,
     QueryHealth,
@@ -105,13 +106,17 @@ class Budget:
         input_tokens: int | None = None,
         output_tokens: int | None = None,
     ) -> Receipt:
-        """Count one dispatch's cost; return once it is durable in the store.
+        """Count one dispatch's cost; return once it is durable in the store
+        (or, while the store is down, in the spill file).
 
         A ``dispatch_id`` already counted today is not counted again
         (``duplicate=True``). Raises :class:`InvalidCost` (nothing changed) for
-        a bad amount or field, and :class:`ServiceStopped` after shutdown. If the
-        store is down this waits until it is back; cancelling the wait does not
-        un-count the cost, and re-sending it is safe (same ``dispatch_id``).
+        a bad amount or field, :class:`CostUnavailable` if the cost cannot be
+        made durable now (the store and the spill file both fail, e.g. a full
+        disk: it was not counted; resend it later), and :class:`ServiceStopped`
+        after shutdown. Without a spill file, this waits while the store is
+        down. Cancelling the wait does not un-count the cost, and re-sending it
+        is safe (same ``dispatch_id``).
         """
         cost = make_cost(
             dispatch_id,
@@ -124,6 +129,12 @@ class Budget:
         )
         receipt = await self.submit(cost)
         await receipt.durable.wait()
+        if receipt.unavailable:
+            raise CostUnavailable(
+                f"cost {dispatch_id!r} could not be made durable now (the store and the"
+                " spill file are failing); it was not counted: resend it later with the"
+                " same dispatch_id"
+            )
         if receipt.failed:
             raise ServiceStopped(
                 "the budget service stopped before this cost was durable;"
@@ -302,7 +313,7 @@ async def open_budget(
     database: str | Store = "sqlite:///budget.db",
     clock: Callable[[], datetime] = _utc_now,
     policy: RestartPolicy | None = None,
-    spill: str | os.PathLike[str] | bool = True,
+    spill: str | os.PathLike[str] | bool | SpillFile = True,
     instance: str | None = None,
     webhooks: Sequence[str] = (),
     webhook_policy: WebhookPolicy | None = None,
@@ -314,8 +325,8 @@ async def open_budget(
     (inject one to test day rollover). ``spill`` is the spill file that holds
     acknowledged costs while the store is unreachable: ``True`` for the default
     (:func:`default_spill_path`, or the first free slot beside it when other
-    live instances hold it), a path, or ``False`` for none (then, during an
-    outage, :meth:`Budget.record` waits for the store). ``instance`` is this
+    live instances hold it), a path (or a :class:`SpillFile`), or ``False`` for
+    none (then, during an outage, :meth:`Budget.record` waits for the store). ``instance`` is this
     service's id among the instances sharing a PostgreSQL budget (default:
     host name and process id); see ``docs/scaling.md``. ``webhooks`` are the
     URLs to which every alert is POSTed (at least once, across restarts; see
@@ -404,7 +415,7 @@ async def open_budget(
 async def _opened(
     store: Store,
     config: BudgetConfig,
-    spill: str | os.PathLike[str] | bool,
+    spill: str | os.PathLike[str] | bool | SpillFile,
     clock: Callable[[], datetime],
 ) -> AsyncIterator[tuple[SpillFile | None, trio.CapacityLimiter]]:
     """Claim the spill file, open ``store`` and drain the spill files of
@@ -437,7 +448,7 @@ async def _opened(
 
 
 def _claim_spill(
-    store: Store, config: BudgetConfig, spill: str | os.PathLike[str] | bool
+    store: Store, config: BudgetConfig, spill: str | os.PathLike[str] | bool | SpillFile
 ) -> tuple[SpillFile | None, list[SpillFile]]:
     """This service's spill file (see :func:`open_budget`'s ``spill``), and
     the unclaimed ones of dead instances beside the default one."""
@@ -445,7 +456,9 @@ def _claim_spill(
         return claim(default_spill_path(store), max_cost=config.max_cost)
     if spill is False:
         return None, []
-    spill_file = SpillFile(spill, max_cost=config.max_cost)
+    spill_file = (
+        spill if isinstance(spill, SpillFile) else SpillFile(spill, max_cost=config.max_cost)
+    )
     if not spill_file.lock():
         raise StoreError(f"spill file {spill_file.path} is in use by another budget-actor")
     return spill_file, []

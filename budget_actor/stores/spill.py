@@ -36,6 +36,7 @@ Every method blocks: call them from the persister's worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -217,6 +218,10 @@ class SpillFile:
         self._locked = False
         # Invalid lines seen by the last read(), set aside by clear().
         self._invalid: list[bytes] = []
+        # The file's size after the last complete append (None: not known
+        # yet). Anything beyond it is the tail of an append that failed and
+        # could not be cut off then; the next append cuts it first.
+        self._size: int | None = None
 
     def _descriptor(self) -> int:
         if self._fd is None:
@@ -262,6 +267,7 @@ class SpillFile:
         if good != len(data):
             os.ftruncate(fd, good)
             _fsync(fd)
+        self._size = good
         # A file just created (here or by lock()) needs its directory entry
         # synced too; one fsync at startup is cheap enough to always do it.
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
@@ -272,26 +278,38 @@ class SpillFile:
         self.count = len(self.read())
 
     def append(self, entries: Sequence[JournalEntry]) -> None:
-        """Append ``entries`` durably (one write, one fsync)."""
+        """Append ``entries`` durably (one write, one fsync).
+
+        Raises ``OSError`` (a full disk, an I/O error) with the file as it
+        was: a partial write is cut off again, so that no torn line is ever
+        buried under a later append. If even that cut fails, the next append
+        makes it first, and fails if it cannot.
+        """
         if not entries:
             return
         payload = b"".join(_encoder.encode(e) + b"\n" for e in entries)
         fd = self._descriptor()
         size = os.lseek(fd, 0, os.SEEK_END)
+        if self._size is not None and size != self._size:
+            os.ftruncate(fd, self._size)
+            size = os.lseek(fd, self._size, os.SEEK_SET)
         try:
             _write_all(fd, payload)
             _fsync(fd)
         except BaseException:
-            # A partial write (a full disk) must not stay in the file: a
-            # retry would append after it and bury a torn line mid-file.
-            os.ftruncate(fd, size)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
             raise
+        self._size = size + len(payload)
         self.count += len(entries)
 
     def read(self) -> list[JournalEntry]:
         """The valid entries, in order. Invalid lines are remembered (and
-        logged by number and field only) until :meth:`clear` sets them aside."""
+        logged by number and field only) until :meth:`clear` sets them aside.
+        Raises ``OSError`` if the file cannot be read."""
         data = _read_all(self._descriptor())
+        if self._size is not None:
+            data = data[: self._size]  # not the tail of an append that failed
         entries = []
         invalid: list[tuple[int, str, bytes]] = []
         for number, line in enumerate(data.splitlines(), start=1):
@@ -326,6 +344,7 @@ class SpillFile:
         fd = self._descriptor()
         os.ftruncate(fd, 0)
         _fsync(fd)
+        self._size = 0
         self.count = 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -139,6 +140,14 @@ class SqliteStore(Store):
         wait behind the persister's writes (it takes no instance lock: the
         service that made it holds that)."""
         return SqliteStore(self.path)
+
+    def interrupt(self) -> None:
+        # sqlite3's interrupt() is safe from any thread; it ends a statement
+        # at its next step (not a system call that hangs in the kernel).
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.interrupt()
 
     def _connect(self) -> Any:
         # check_same_thread=False: trio may run successive calls on different

@@ -109,6 +109,10 @@ class SharedBudget(Protocol):
         others' fresh totals."""
         ...
 
+    def interrupt(self) -> None:
+        """Make a call that hangs in another thread fail soon."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -178,6 +182,15 @@ class Store(ABC):
         """Close the store for good (the service is stopping)."""
         self._drop()
 
+    @abstractmethod
+    def interrupt(self) -> None:
+        """Make a call that hangs in another thread fail soon (it then raises
+        :class:`StoreError` and drops its connection).
+
+        Called from the event loop's thread when a call has run past its
+        deadline; safe to call at any time, and a no-op when nothing runs.
+        """
+
     def _drop(self) -> None:
         """Drop the connection; the next call reconnects."""
         if self._conn is not None:
@@ -185,6 +198,12 @@ class Store(ABC):
                 self._conn.close()
             finally:
                 self._conn = None
+
+    def latest_day(self) -> str | None:
+        """The latest day that has a journal row, or None for an empty journal.
+        Raises :class:`StoreError`."""
+        row = self._run(lambda cur: cur.execute("SELECT MAX(day) FROM budget_journal").fetchone())
+        return None if row is None or row[0] is None else str(row[0])
 
     def load(self, day: str) -> Restored:
         """Everything restore needs for ``day``. Raises :class:`StoreError`."""

@@ -17,8 +17,12 @@ asyncio-only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import secrets
+import socket
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -58,6 +62,12 @@ class PostgresStore(Store):
         self.url = url
         self.location = url
         self.instance = instance if instance is not None else default_instance_id()
+        # A duplicate of the connection's socket, for interrupt(): ours, so it
+        # can never name another file after psycopg closes its own.
+        self._socket: socket.socket | None = None
+        # interrupt() runs in the event loop's thread while the call it ends
+        # may close that socket in a worker thread.
+        self._socket_lock = threading.Lock()
 
     # -- capabilities ----------------------------------------------------------
 
@@ -117,8 +127,41 @@ class PostgresStore(Store):
 
     # -- the Store's hooks -----------------------------------------------------
 
+    def interrupt(self) -> None:
+        """Shut the connection's socket down under the thread that waits on it.
+
+        A server (or a network path) that accepts a connection and then never
+        answers is not caught by TCP timeouts, since the kernel at the other
+        end keeps acknowledging; libpq would wait forever. After shutdown()
+        the waiting call fails at once, and the next call reconnects.
+        """
+        with self._socket_lock:
+            if self._socket is not None:
+                with contextlib.suppress(OSError):
+                    self._socket.shutdown(socket.SHUT_RDWR)
+
+    def _drop(self) -> None:
+        try:
+            super()._drop()
+        finally:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        with self._socket_lock:
+            sock, self._socket = self._socket, None
+            if sock is not None:
+                sock.close()
+
     def _connect(self) -> Any:
-        return connection.connect(self.url, instance=self.instance, read_only=self._read_only)
+        conn = connection.connect(self.url, instance=self.instance, read_only=self._read_only)
+        try:
+            watch = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        except BaseException:
+            conn.close()
+            raise
+        with self._socket_lock:
+            self._socket = watch
+        return conn
 
     def _schema(self) -> Sequence[tuple[str, str]]:
         return connection.SCHEMA
