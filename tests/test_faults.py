@@ -188,8 +188,8 @@ async def test_a_cost_that_cannot_be_made_durable_is_refused_and_counts_once_whe
 
 async def test_a_patch_of_the_day_before_never_counts_a_refused_cost(tmp_path: Path) -> None:
     """The cost was counted just before midnight, its write failed just after:
-    the rollover patch of its day was taken meanwhile, and must not count it
-    (a restore of that day would, and the resend would count it again)."""
+    the rollover patch of its day, taken meanwhile, must not count it (a
+    restore of that day would, and the resend would count it again)."""
     url = f"sqlite:///{tmp_path / 'budget.db'}"
     clock = WallClock(datetime(2026, 12, 1, 23, 59, 59, tzinfo=UTC))
     async with _full_disk_budget(tmp_path, clock, store_timeout_s=60) as (budget, fill, store):

@@ -419,10 +419,10 @@ class BudgetActor:
         store takes writes again (health stays ``degraded`` until then).
 
         Called synchronously from the persister's task, not through the
-        mailbox: between the refusal and the uncount, no message may count
-        a resend as a duplicate or snapshot a patch that still holds these
-        costs. That is safe without a lock because trio runs one task at a
-        time and the actor never awaits in the middle of changing the ledger.
+        mailbox: between the refusal and the uncount, no message may answer
+        a resend as a duplicate of a cost that is in no journal. That is safe
+        without a lock because trio runs one task at a time and the actor
+        never awaits in the middle of changing the ledger.
         """
         if not self.ready:
             return
