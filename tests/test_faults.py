@@ -640,12 +640,14 @@ async def test_the_clock_jumping_back_across_midnight_reopens_no_day(tmp_path: P
             2,
         )
         assert (await budget.record("b", "2.00")).duplicate
+        assert (await budget.record("a", "1.00")).duplicate  # counted on the 1st
         await _healthy(budget)
     # A restart while the clock is still behind: the 2nd stays open.
     async with open_budget(config, database=url, clock=clock) as budget:
         health = await budget.health()
         assert (health.day, health.daily_spend) == ("2026-12-02", Decimal("2.50"))
         assert (await budget.record("c", "0.50")).duplicate
+        assert (await budget.record("a", "1.00")).duplicate
         clock.now = datetime(2026, 12, 2, 0, 0, 30, tzinfo=UTC)  # the clock catches up
         await budget.record("d", "0.25")
         await budget.cycle()
