@@ -6,13 +6,15 @@ stay under 4 minutes on a 2-core machine) and returns its figures as
 and add it to the registry. ``ingest`` is here; the others are in their own
 modules: ``_durable`` (durable, naive), ``_ws_ingest``, ``_fanout``,
 ``_restore``, ``_shared``, ``_shared_admit``, ``_ws_batch`` (ws-batch, client),
-``_volume``; what they share is in ``_support``. ``ws_echo.py`` and
-``fanout_subscribers.py`` are scripts that scenarios run as child processes.
+``_volume``, ``_hostile_frames``; what they share is in ``_support``.
+``ws_echo.py`` and ``fanout_subscribers.py`` are scripts that scenarios run as
+child processes.
 
 Time budget per scenario on the reference machine: ingest ≤ 25 s, durable
 ≤ 40 s, naive ≤ 15 s, ws-ingest ≤ 25 s, fanout ≤ 45 s, restore ≤ 20 s,
 shared ≤ 45 s, shared-admit ≤ 10 s, ws-batch ≤ 20 s, client ≤ 30 s, volume
-≤ 150 s (it first writes a day of a million costs on each store).
+≤ 150 s (it first writes a day of a million costs on each store),
+hostile-frames ≤ 15 s.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from budget_actor.runtime.service import MAILBOX_SIZE
 
 from ._durable import durable, naive
 from ._fanout import fanout
+from ._hostile_frames import hostile_frames
 from ._restore import restore
 from ._shared import shared
 from ._shared_admit import shared_admit
@@ -222,4 +225,5 @@ SCENARIOS: dict[str, Scenario] = {
     "shared": shared,
     "shared-admit": shared_admit,
     "volume": volume,
+    "hostile-frames": hostile_frames,
 }

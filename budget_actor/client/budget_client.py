@@ -41,7 +41,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
+from ..core.cost import Cost, check_dispatch_id, check_estimate, make_cost
 from ..core.cost import InvalidCost as _Refused
 from ..core.money import DEFAULT_MAX_COST, to_wire
 from ..core.views import Admission, AlertNotice, Health, Receipt, Spend
@@ -466,14 +466,15 @@ class BudgetClient:
         Raises :class:`InvalidCost` before sending for a bad estimate or id,
         :class:`Forbidden` for an observer, :class:`ServiceUnavailable`
         without an answer within ``timeout``. Asking again after a reconnect
-        is safe: a new ``admit`` for the same id replaces the reservation.
+        is safe: a new ``admit`` for the same id renews the reservation
+        (at most three times; see ``docs/protocol.md``).
         """
         self._check_open()
         self._check_dispatcher()
         try:
             # The service's own checks of an admit (core.cost), here first.
             checked_id = check_dispatch_id(dispatch_id)
-            estimate = check_amount(estimate_usd, "estimate_usd", self.max_cost)
+            estimate = check_estimate(estimate_usd, self.max_cost)
         except _Refused as exc:
             raise InvalidCost(exc.detail, exc.code) from None
         frame = msgspec.json.encode(

@@ -169,11 +169,13 @@ def _same(presented: str, expected: str | None) -> bool:
     return hmac.compare_digest(presented.encode(), expected.encode())
 
 
+# What only a dispatcher may send (the contract's "who" column).
+DISPATCHER_ONLY = frozenset({"cost", "costs", "cycle", "admit"})
+
+
 def may(role: Role, request_type: str) -> bool:
     """Whether ``role`` may send a message of ``request_type``."""
-    if request_type in ("cost", "costs", "cycle", "admit"):
-        return role == "dispatcher"
-    return True
+    return role == "dispatcher" or request_type not in DISPATCHER_ONLY
 
 
 def is_loopback(host: str) -> bool:

@@ -7,15 +7,17 @@ amount as its raw JSON text) or from the in-process API's arguments
 object travels unchanged: in the actor's mailbox (``RecordCost``), through the
 ledger, inside the journal entry, to the store and the spill file.
 
-Every rule a cost must pass is in :func:`make_cost` (and the two checks it is
+Every rule a cost must pass is in :func:`make_cost` (and the checks it is
 made of, :func:`check_dispatch_id` and :func:`check_amount`, which ``admit``
-shares). A client that wants to refuse bad input before sending uses the same
-function, so the service and its clients can never disagree.
+shares through :func:`check_estimate`). A client that wants to refuse bad
+input before sending uses the same functions, so the service and its clients
+can never disagree.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from decimal import Decimal
 from typing import Literal
 
@@ -31,9 +33,22 @@ MAX_NAME_CHARS = 256
 # Token counts are JSON integers that every reader can hold exactly (a double
 # holds integers up to 2**53).
 MAX_TOKENS = 2**53
-# Control characters (C0, DEL and C1, such as the terminal escape CSI) in ids
-# break logs and terminals; refuse them.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Characters a text field may not hold (the contract's "Input rules"):
+# control (Unicode category Cc: C0, DEL, C1 such as the terminal escape CSI)
+# breaks logs and terminals; format (Cf: bidirectional overrides such as
+# U+202E, zero-width characters such as U+200B) makes two different ids look
+# alike or reorders what a report shows; line and paragraph separators (Zl,
+# Zp) split a log line. This class is those categories as of Unicode 14; a
+# text with any other non-printable character is checked character by
+# character against the running Python's Unicode database (:func:`_refused_char`),
+# so a newer Unicode's format characters are refused too.
+_REFUSED_CHARS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
+    "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd"
+    "\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f]"
+)
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 # What a refusal says to a client: the amount is wrong (``invalid_cost``) or
 # the message is (``invalid_message``): the contract's error codes.
@@ -74,6 +89,26 @@ class InvalidCost(ValueError):
         self.code: CostErrorCode = code
 
 
+def _refused_char(value: str) -> str | None:
+    """The first character of ``value`` in :data:`REFUSED_CATEGORIES`, or None.
+
+    Fast for what clients send: a printable text (``str.isprintable``, in C)
+    holds none, and the known ones are found by one regular expression; only
+    a text with other non-printable characters (no-break spaces, private
+    use, unassigned) is looked at character by character, at most
+    :data:`MAX_NAME_CHARS` of them.
+    """
+    if value.isprintable():
+        return None
+    found = _REFUSED_CHARS.search(value)
+    if found is not None:
+        return found.group()
+    for char in value:
+        if not char.isprintable() and unicodedata.category(char) in REFUSED_CATEGORIES:
+            return char
+    return None
+
+
 def make_cost(
     dispatch_id: object,
     usd: object,
@@ -107,13 +142,23 @@ def validate(cost: Cost, *, max_cost: Decimal) -> Cost:
 
 
 def check_dispatch_id(value: object) -> str:
-    """A dispatch id: a non-empty, printable string of at most
-    :data:`MAX_ID_CHARS`. Raises :class:`InvalidCost` (``invalid_message``)."""
+    """A dispatch id: a string of at most :data:`MAX_ID_CHARS`, not blank, with
+    no control, format or separator character. Raises :class:`InvalidCost`:
+    ``invalid_message`` for a wrong type or length, ``invalid_cost`` for the
+    text rules (the contract's "Input rules")."""
     if type(value) is not str:
         raise _refused("dispatch_id", f"Expected `str`, got `{_json_type(value)}`")
-    if not value:
-        raise _refused("dispatch_id", "Expected `str` of length >= 1")
     return _printable(value, "dispatch_id", MAX_ID_CHARS)
+
+
+def check_estimate(value: object, max_cost: Decimal) -> Decimal:
+    """An ``admit`` estimate: an amount (:func:`check_amount`) greater than
+    zero, since a reservation of nothing would always be allowed and only
+    take memory. Raises :class:`InvalidCost` (``invalid_cost``)."""
+    estimate = check_amount(value, "estimate_usd", max_cost)
+    if estimate <= 0:
+        raise InvalidCost("`estimate_usd` must be greater than 0", "invalid_cost")
+    return estimate
 
 
 def check_amount(value: object, field: str, max_cost: Decimal) -> Decimal:
@@ -136,8 +181,15 @@ def _text(value: object, field: str) -> str | None:
 def _printable(value: str, field: str, max_chars: int) -> str:
     if len(value) > max_chars:
         raise _refused(field, f"Expected `str` of length <= {max_chars}")
-    if _CONTROL.search(value):
-        raise _refused(field, "control characters are not allowed")
+    if not value.strip():
+        raise InvalidCost(f"`{field}` must not be blank", "invalid_cost")
+    char = _refused_char(value)
+    if char is not None:
+        raise InvalidCost(
+            f"`{field}` must not contain control, format or line/paragraph separator"
+            f" characters (found U+{ord(char):04X} at position {value.index(char)})",
+            "invalid_cost",
+        )
     return value
 
 

@@ -138,10 +138,10 @@ class _Day:
     uncounted: set[int] = field(default_factory=set)
     # The spend at which the next threshold alert is due (None: all sent).
     next_alert_at: Decimal | None = None
-    # Admitted estimates not yet settled: dispatch_id -> (amount, expires at).
-    # Insertion order is expiry order (one TTL for all), so expiring pops
-    # from the front.
-    reservations: dict[str, tuple[Decimal, datetime]] = field(default_factory=dict)
+    # Admitted estimates not yet settled: dispatch_id -> (amount, expires at,
+    # times renewed). Insertion order is expiry order (one TTL for all, and a
+    # renewal re-inserts), so expiring pops from the front.
+    reservations: dict[str, tuple[Decimal, datetime, int]] = field(default_factory=dict)
     reserved: Decimal = Decimal(0)
 
 
@@ -310,15 +310,19 @@ class Ledger:
 
         A reservation holds until the cost with the same ``dispatch_id``
         settles it (at its real cost) or ``reservation_ttl_s`` passes. Admitting
-        the same id again replaces its reservation. An id counted in the
-        dedupe window is refused: one known here (:meth:`knows`), or one the
-        store found counted on the day ``counted_on`` (the caller asks the
-        store about any id not known here first).
+        the same id again renews its reservation (a new estimate and TTL), at
+        most :data:`~budget_actor.core.admission.MAX_RENEWALS` times; at most
+        :data:`~budget_actor.core.admission.MAX_OPEN_RESERVATIONS` are open at
+        once. An id counted in the dedupe window is refused: one known here
+        (:meth:`knows`), or one the store found counted on the day
+        ``counted_on`` (the caller asks the store about any id not known here
+        first).
         """
         effects = self._advance(now)
         today = self._today
         self._expire(now)
-        held = today.reservations.get(dispatch_id, (Decimal(0), now))[0]
+        live = today.reservations.get(dispatch_id)
+        held = live[0] if live is not None else Decimal(0)
         if counted_on is None and self.knows(dispatch_id):
             yesterday = self._recent.counted_yesterday(dispatch_id)
             counted_on = today.previous if yesterday else today.day
@@ -331,11 +335,14 @@ class Ledger:
             held=held,
             counted=counted_on is not None,
             counted_on=None if counted_on == today.day else counted_on,
+            renewals=live[2] if live is not None else None,
+            others_open=len(today.reservations) - (live is not None),
         )
         if admission.allowed:
             self._release(dispatch_id)
             expires = now + timedelta(seconds=self.config.reservation_ttl_s)
-            today.reservations[dispatch_id] = (estimate, expires)
+            renewals = live[2] + 1 if live is not None else 0
+            today.reservations[dispatch_id] = (estimate, expires, renewals)
             today.reserved = add(today.reserved, estimate)
         return Outcome(admission, tuple(effects))
 
@@ -497,7 +504,7 @@ class Ledger:
     def _expire(self, now: datetime) -> None:
         reservations = self._today.reservations
         while reservations:
-            dispatch_id, (_amount, expires) = next(iter(reservations.items()))
+            dispatch_id, (_amount, expires, _renewals) = next(iter(reservations.items()))
             if expires > now:
                 return
             self._release(dispatch_id)

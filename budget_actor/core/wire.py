@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .cost import MAX_NAME_CHARS, Cost, InvalidCost, check_amount, check_dispatch_id, make_cost
+from .cost import MAX_NAME_CHARS, Cost, InvalidCost, check_dispatch_id, check_estimate, make_cost
 from .money import to_wire
 from .views import Admission, AlertNotice, Health, Receipt, Spend
 
@@ -152,11 +152,25 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
     """Decode and validate one client frame.
 
     Raises :class:`WireError` with ``invalid_message`` for anything that is not
-    a well-formed request of the contract, and ``invalid_cost`` for an amount
-    that is not a finite, non-negative decimal at most ``max_cost``.
+    a well-formed request of the contract (including an object that repeats
+    a key), and ``invalid_cost`` for an amount that is not a finite,
+    non-negative decimal at most ``max_cost`` or a text field that breaks the
+    text rules (:mod:`budget_actor.core.cost`).
+
+    Cost: one pass of msgspec's C parser, the field checks, and, only for a
+    frame with more colons than keys, one regular-expression pass for
+    repeated keys. A hostile frame (nested 5,000 deep, 64 KiB of keys) is
+    refused at about the cost of parsing a normal one: nothing here walks
+    the frame character by character in Python.
     """
     if isinstance(frame, bytes):
         raise WireError("invalid_message", "binary frames are not accepted; send JSON text")
+    colons = frame.count(":")
+    if colons > _MANY_COLONS:
+        # Thousands of repeated keys would each cost msgspec an object before
+        # it kept the last. With at most 7 known keys, a flood repeats one
+        # within its first few tokens; the full check follows the parse.
+        _refuse_repeated_keys(frame[:_PRESCAN_CHARS], limit=_PRESCAN_TOKENS)
     try:
         request = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
@@ -179,20 +193,61 @@ def decode(frame: str | bytes, *, max_cost: Decimal) -> Request:
         where = f"`{field}`: " if field else ""
         code: ErrorCode = "invalid_cost" if field in _AMOUNT_FIELDS else "invalid_message"
         raise WireError(code, f"{where}JSON is nested too deeply") from None
+    result: Request
     try:
         if isinstance(request, _CostFrame):
-            return make_cost(**msgspec.structs.asdict(request), max_cost=max_cost)
-        if isinstance(request, _CostsFrame):
-            return CostsRequest(_costs(request.costs, max_cost))
-        if isinstance(request, _AdmitFrame):
-            return AdmitRequest(
+            result = make_cost(**msgspec.structs.asdict(request), max_cost=max_cost)
+        elif isinstance(request, _CostsFrame):
+            result = CostsRequest(_costs(request.costs, max_cost))
+        elif isinstance(request, _AdmitFrame):
+            result = AdmitRequest(
                 check_dispatch_id(request.dispatch_id),
-                check_amount(request.estimate_usd, "estimate_usd", max_cost),
+                check_estimate(request.estimate_usd, max_cost),
             )
+        else:
+            result = request
     except InvalidCost as exc:
         raise WireError(exc.code, exc.detail) from None
-    result: Request = request
+    # msgspec keeps the last of repeated keys without a word; so a frame with
+    # `"usd":"0.01","usd":"999"` would count 999. Each key of the object has a
+    # colon, so a frame with no more colons than the keys present cannot
+    # repeat one; only others (a colon inside a text, an explicit null) are
+    # scanned.
+    # Parsed, so the frame is one object of at most 7 keys with scalar
+    # values (a batch's items are checked on their own): the scan meets a
+    # few dozen tokens at most.
+    present = 1 + sum(value is not None for value in msgspec.structs.astuple(request))
+    if isinstance(request, _CostsFrame):
+        present = 2 + sum(_present(item) for item in request.costs)
+        if colons > present:
+            _refuse_repeated_keys_in_batch(frame, colons, request.costs)
+    elif colons > present:
+        _refuse_repeated_keys(frame)
     return result
+
+
+def _present(item: Any) -> int:
+    return sum(value is not None for value in msgspec.structs.astuple(item))
+
+
+def _refuse_repeated_keys_in_batch(frame: str, colons: int, items: list[Any]) -> None:
+    """A ``costs`` frame with more colons than keys: find the items that have
+    more (each scanned on its own, so a batch of 1,000 costs is not walked
+    whole) and the batch's own keys (``type``, ``costs``)."""
+    raw = _raw_costs_decoder.decode(frame).costs
+    inside = 0
+    for index, (text, item) in enumerate(zip(raw, items, strict=True)):
+        body = bytes(text)
+        count = body.count(b":")
+        inside += count
+        if count > _present(item):
+            repeated = repeated_key(body.decode())
+            if repeated is not None:
+                raise WireError(
+                    "invalid_cost", f"costs[{index}]: key `{repeated[:64]}` appears more than once"
+                )
+    if colons - inside > 2:
+        _refuse_repeated_keys(frame)
 
 
 def _costs(items: list[Any], max_cost: Decimal) -> list[Cost]:
@@ -250,40 +305,132 @@ def _item(raw: msgspec.Raw | bytes, index: int | None, max_cost: Decimal) -> Cos
         raise WireError("invalid_cost", f"{where}JSON is nested too deeply") from None
 
 
-# Nesting deeper than this is what made msgspec give up; any real message of
-# the contract nests at most 1 level.
-_DEEP = 64
+# More colons than this, and a frame is scanned for repeated keys before it
+# is parsed: a message of the contract has at most 7 keys, so only a text
+# full of colons, a flood of keys or deep nesting gets there. That scan
+# looks at the first strings and characters only (a flood of the 7 keys,
+# each with a text value, repeats one by its 15th string), so neither deep
+# nesting nor a long text makes it cost more. A truncated text cannot make a
+# key appear: inside a JSON string every quote is escaped.
+_MANY_COLONS = 64
+_PRESCAN_TOKENS = 16
+_PRESCAN_CHARS = 1024
+
+
+def _refuse_repeated_keys(frame: str, limit: int | None = None) -> None:
+    repeated = repeated_key(frame, limit)
+    if repeated is not None:
+        raise WireError("invalid_message", f"key `{repeated[:64]}` appears more than once")
+
+
+def peek_type(frame: str | bytes) -> str | None:
+    """The ``type`` of a frame, read without validating anything else (one
+    pass of msgspec's C parser), or None if there is none to read. For
+    checking a role before paying for the rest of the checks."""
+    try:
+        kind = _kind_decoder.decode(frame).type
+    except msgspec.DecodeError:
+        return None
+    except RecursionError:
+        # Too deep to parse, even skipping: look for the key in the text.
+        found = _TYPE_KEY.search(frame if isinstance(frame, str) else frame.decode("latin-1"))
+        return found.group(1) if found else None
+    return kind if isinstance(kind, str) else None
+
+
+class _Kind(msgspec.Struct):
+    type: object = None
+
+
+_kind_decoder = msgspec.json.Decoder(_Kind)
+_TYPE_KEY = re.compile(r'"type"\s*:\s*"([a-z_]{1,32})"')
+
+
+def repeated_key(text: str, limit: int | None = None) -> str | None:
+    """The first key that an object in ``text`` (valid JSON) repeats, or None;
+    with ``limit``, among its first ``limit`` strings only.
+
+    Keys are compared as JSON decodes them, so ``"usd"`` and ``"\\u0075sd"``
+    are one key. Strings, whitespace and the gaps between strings are
+    crossed with ``str.find`` and ``str.lstrip`` (C, memchr speed); Python
+    steps once per string, brace and escaped quote. (Python's ``re`` reads
+    about 10 ns a character, which 60 KiB of padding would turn into a
+    millisecond.)
+    """
+    objects: list[set[str]] = []
+    position, strings = 0, 0
+    while True:
+        opening = text.find('"', position)
+        _braces(text, position, len(text) if opening < 0 else opening, objects)
+        if opening < 0:
+            return None
+        closing = _string_end(text, opening)
+        strings += 1
+        if closing < 0 or (limit is not None and strings > limit):
+            return None
+        position = closing + 1
+        after = text[position : position + 1]
+        if after.isspace():
+            after = text[position:].lstrip()[:1]
+        if after == ":" and objects:
+            key = text[opening + 1 : closing]
+            if "\\" in key:
+                key = _text_decoder.decode(f'"{key}"')
+            seen = objects[-1]
+            if key in seen:
+                return key
+            seen.add(key)
+
+
+def _braces(text: str, start: int, stop: int, objects: list[set[str]]) -> None:
+    """Open and close objects for the braces of ``text[start:stop]`` (no string
+    in between), in order."""
+    while True:
+        opens = text.find("{", start, stop)
+        closes = text.find("}", start, stop)
+        if opens < 0 and closes < 0:
+            return
+        if closes < 0 or 0 <= opens < closes:
+            objects.append(set())
+            start = opens + 1
+        else:
+            if objects:
+                objects.pop()
+            start = closes + 1
+
+
+def _string_end(text: str, opening: int) -> int:
+    """The index of the quote that closes the string opened at ``opening``
+    (one not escaped by an odd run of backslashes); -1 if none."""
+    position = opening + 1
+    while True:
+        quote = text.find('"', position)
+        if quote < 0:
+            return -1
+        backslash = quote
+        while backslash > opening + 1 and text[backslash - 1] == "\\":
+            backslash -= 1
+        if (quote - backslash) % 2 == 0:
+            return quote
+        position = quote + 1
+
+
+_text_decoder = msgspec.json.Decoder(str)
+
+# The first key whose value opens an array or an object: where a frame that
+# nests too deeply goes deep (the contract's messages nest no value). Found by
+# one regular-expression search, never a walk over the frame in Python: a
+# frame that is 60 KiB of spaces and then nests must cost no more to refuse
+# than one that nests at once.
+_NESTING_KEY = re.compile(r'"([A-Za-z_][A-Za-z0-9_]{0,63})"\s*:\s*[\[{]')
 
 
 def _deep_field(frame: str) -> str | None:
-    """The top-level key whose value nests too deeply, to name it in the error.
-
-    A small scanner over the text (strings skipped), since the decoder gave up
-    before it could say where.
-    """
-    depth = 0
-    key: str | None = None
-    i, n = 0, len(frame)
-    while i < n:
-        c = frame[i]
-        if c == '"':
-            j = i + 1
-            while j < n and frame[j] != '"':
-                j += 2 if frame[j] == "\\" else 1
-            if depth == 1:
-                rest = frame[j + 1 : j + 32].lstrip()
-                if rest.startswith(":"):
-                    key = frame[i + 1 : j]
-            i = j + 1
-            continue
-        if c in "[{":
-            depth += 1
-            if depth > _DEEP:
-                return key
-        elif c in "]}":
-            depth -= 1
-        i += 1
-    return None
+    """The top-level key whose value nests too deeply, to name it in the
+    error (the decoder gave up before it could say where); None if no key
+    is found (a bare array, say)."""
+    found = _NESTING_KEY.search(frame)
+    return found.group(1) if found else None
 
 
 def _plain(text: str) -> str:

@@ -61,6 +61,7 @@ from ..core.wire import (
     WireError,
     decode,
     encode,
+    peek_type,
 )
 from ..runtime.fanout import Published, Subscription
 from ..runtime.messages import BatchReceipt, CostReceipt, ServiceStopped
@@ -598,6 +599,13 @@ class _Session:
                     return
                 await self._error("overloaded", "message rate limit exceeded; slow down")
                 continue
+            if self.role != "dispatcher":
+                # The role first: an observer's `cost` is refused for what it
+                # is, before any of its fields costs a check.
+                kind = peek_type(frame)
+                if kind is not None and not may(self.role, kind):
+                    await self._error("forbidden", f"an {self.role} may not send `{kind}`")
+                    continue
             try:
                 request = decode(frame, max_cost=max_cost)
             except WireError as exc:

@@ -26,7 +26,7 @@ import msgspec
 import trio
 
 from ..core.config import BudgetConfig
-from ..core.cost import Cost, check_amount, check_dispatch_id, make_cost
+from ..core.cost import Cost, check_dispatch_id, check_estimate, make_cost
 from ..core.history import DEFAULT_DAYS, MAX_DAYS, History
 from ..core.views import Admission, Health, Receipt, Update
 from ..core.webhook import parse_webhook_url, target_of
@@ -215,7 +215,7 @@ class Budget:
         on PostgreSQL the database decides against the global cap of every
         instance sharing the budget, and refuses while it cannot be reached.
         """
-        estimate = check_amount(estimate_usd, "estimate_usd", self.config.max_cost)
+        estimate = check_estimate(estimate_usd, self.config.max_cost)
         reply: Reply[Admission] = Reply()
         await self._send(Admit(check_dispatch_id(dispatch_id), estimate, reply))
         return await reply.get()

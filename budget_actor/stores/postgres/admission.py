@@ -26,6 +26,10 @@ def admit(
     """Reserve ``estimate`` for ``dispatch_id`` if it fits, in the caller's
     transaction.
 
+    The limits of :func:`~budget_actor.core.admission.decide` apply: a
+    reservation renewed at most ``MAX_RENEWALS`` times, and at most
+    ``MAX_OPEN_RESERVATIONS`` open at once per instance.
+
     Admissions of one day are serialised by an advisory transaction lock,
     and each reads the spend (sum of shares) and the live reservations in
     one snapshot: a cost's journal row replaces its reservation in one
@@ -45,11 +49,21 @@ def admit(
         "   WHERE day = %(day)s AND dispatch_id <> %(id)s),"
         " (SELECT estimate FROM budget_reservations WHERE day = %(day)s"
         "   AND dispatch_id = %(id)s),"
+        " (SELECT renewals FROM budget_reservations WHERE day = %(day)s"
+        "   AND dispatch_id = %(id)s),"
+        " (SELECT count(*) FROM budget_reservations WHERE day = %(day)s"
+        "   AND instance = %(instance)s AND dispatch_id <> %(id)s),"
         " (SELECT min(day) FROM budget_journal WHERE dispatch_id = %(id)s"
         "   AND day IN (%(before)s, %(day)s, %(after)s))",
-        {"day": day, "id": dispatch_id, "before": before, "after": after},
+        {
+            "day": day,
+            "id": dispatch_id,
+            "before": before,
+            "after": after,
+            "instance": instance or "",
+        },
     )
-    spent, reserved, held, counted = cur.fetchone()
+    spent, reserved, held, renewals, others_open, counted = cur.fetchone()
     admission = decide(
         dispatch_id,
         estimate,
@@ -60,13 +74,16 @@ def admit(
         counted=counted is not None,
         scope=", all instances",
         counted_on=None if counted in (None, day) else str(counted),
+        renewals=renewals if held is not None else None,
+        others_open=others_open,
     )
     if admission.allowed:
         cur.execute(
             "INSERT INTO budget_reservations AS b (day, dispatch_id, instance, estimate,"
             " expires_at) VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))"
             " ON CONFLICT (day, dispatch_id) DO UPDATE SET instance = excluded.instance,"
-            " estimate = excluded.estimate, expires_at = excluded.expires_at",
+            " estimate = excluded.estimate, expires_at = excluded.expires_at,"
+            " renewals = b.renewals + 1",
             (day, dispatch_id, instance, estimate, ttl_s),
         )
     return admission

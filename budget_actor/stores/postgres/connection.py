@@ -58,7 +58,8 @@ SCHEMA = (
         "budget_reservations",
         "CREATE TABLE IF NOT EXISTS budget_reservations (day text NOT NULL,"
         " dispatch_id text NOT NULL, instance text NOT NULL, estimate numeric NOT NULL,"
-        " expires_at timestamptz NOT NULL, PRIMARY KEY (day, dispatch_id))",
+        " expires_at timestamptz NOT NULL, renewals integer NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (day, dispatch_id))",
     ),
     (
         # Alert webhook deliveries (see Store: alert webhooks), shared by the
@@ -160,7 +161,16 @@ def table_exists(cur: Any, table: str) -> bool:
 def migrate(cur: Any) -> None:
     """Bring a journal from before instances shared a budget up to date, once:
     its rows become the share of instance '' (the empty id), so nothing it
-    counted is lost."""
+    counted is lost. Reservations from before renewals were counted get the
+    count (0), once."""
+    cur.execute(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+        " AND table_name = 'budget_reservations' AND column_name = 'renewals'"
+    )
+    if cur.fetchone() is None:
+        cur.execute(
+            "ALTER TABLE budget_reservations ADD COLUMN renewals integer NOT NULL DEFAULT 0"
+        )
     cur.execute(
         "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
         " AND table_name = 'budget_journal' AND column_name = 'instance'"
