@@ -90,6 +90,39 @@ def test_colons_and_braces_inside_texts_are_not_keys(frame: str) -> None:
     decode(frame, max_cost=MAX)
 
 
+@pytest.mark.parametrize(
+    ("frame", "code", "said"),
+    [
+        (
+            '{"type":"costs","costs":[{"dispatch_id":"a","usd":"1"},'
+            '{"dispatch_id":"b","usd":"0.01","usd":"999"}]}',
+            "invalid_cost",
+            "costs[1]: key `usd`",
+        ),
+        (
+            '{"type":"costs","costs":[{"dispatch_id":"a","usd":"1"}],'
+            '"costs":[{"dispatch_id":"b","usd":"999"}]}',
+            "invalid_message",
+            "key `costs`",
+        ),
+        (
+            '{"type":"costs","costs":[{"dispatch_id":"a\u202e","usd":"1"}]}',
+            "invalid_cost",
+            "costs[0]: `dispatch_id`",
+        ),
+    ],
+)
+def test_a_batch_is_held_to_the_same_rules(frame: str, code: str, said: str) -> None:
+    error = refused(frame)
+    assert (error.code, said in error.detail) == (code, True), error.detail
+
+
+def test_a_batch_with_colons_in_its_texts_is_fine() -> None:
+    items = [{"dispatch_id": f"b:{i}", "usd": "0.01", "model": "a:b"} for i in range(300)]
+    batch = decode(json.dumps({"type": "costs", "costs": items}), max_cost=MAX)
+    assert len(batch.costs) == 300  # type: ignore[union-attr]
+
+
 def test_repeated_key_looks_into_every_object() -> None:
     assert repeated_key('{"a":1,"b":{"a":2}}') is None
     assert repeated_key('{"a":{"x":1,"x":2}}') == "x"
