@@ -190,6 +190,8 @@ async def test_invalid_lines_are_set_aside_uncounted_and_unlogged(
     assert health["dispatches"] == 2
     assert health["spill_quarantined"] == len(bad)
     assert (await http_get(service.http_base + "/health")).json()["spill_quarantined"] == len(bad)
+    metrics = (await http_get(service.http_base + "/metrics")).body.decode()
+    assert f"budget_spill_quarantined {float(len(bad))}" in metrics, metrics
     # The lines are set aside byte for byte, in a private file; the spill
     # file is empty.
     quarantine = workdir / "budget.db.spill.quarantine"

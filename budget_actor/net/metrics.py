@@ -136,6 +136,11 @@ class BudgetCollector:
         yield _gauge(
             "store_lag_seconds", "How far behind the store is (0: caught up)", health.store_lag_s
         )
+        yield _gauge(
+            "spill_quarantined",
+            "Spill file lines that were not valid costs, set aside uncounted",
+            health.spill_quarantined,
+        )
         if self.stats is not None:
             yield _histogram(
                 "ack_latency_seconds",
