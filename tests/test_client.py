@@ -358,8 +358,9 @@ def test_one_outbox_serves_one_client_at_a_time(backend: str, tmp_path: Path) ->
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tokens_unauthorized_and_forbidden(
-    backend: str, launcher: Launcher, sqlite_url: str
+    backend: str, launcher: Launcher, sqlite_url: str, tmp_path: Path
 ) -> None:
+    box = tmp_path / f"observer-{backend}.outbox"
     svc = start(
         launcher, sqlite_url, "--dispatcher-token", DISPATCHER, "--observer-token", OBSERVER
     )
@@ -380,6 +381,16 @@ def test_tokens_unauthorized_and_forbidden(
                 await observer.admit("u-3", "0.1")
             update = await observer.subscribe().__anext__()
             assert isinstance(update, Spend) and update.dispatches == 0
+        # With an outbox the cost is safe at once; the refusal comes with flush,
+        # and the cost stays in the outbox for a dispatcher's token.
+        async with BudgetClient(svc.ws_url, token=OBSERVER, outbox=box) as observer:
+            await observer.enqueue("u-4", "0.1")
+            with pytest.raises(Forbidden), anyio.fail_after(20):
+                await observer.flush()
+        assert len(outbox_rows(box)) == 1
+        async with BudgetClient(svc.ws_url, token=DISPATCHER, outbox=box) as dispatcher:
+            await dispatcher.flush()
+        assert outbox_rows(box) == []
         async with BudgetClient(svc.ws_url, token=DISPATCHER) as dispatcher:
             assert (await dispatcher.record("u-1", "0.1")).duplicate is False
 

@@ -418,6 +418,7 @@ class BudgetClient:
             oldest = next(iter(self._unresolved), None)
             if oldest is None or oldest > target:
                 break
+            self._check_dispatcher()  # an observer's costs would never go
             await self._wait_changed()
         if self._refused_unreported:
             refused, self._refused_unreported = self._refused_unreported, []
@@ -549,6 +550,7 @@ class BudgetClient:
         while len(self._unresolved) >= self.max_pending:
             await self._wait_changed()  # backpressure
             self._raise_stops()
+            self._check_dispatcher()
         item.order = next(self._orders)
         self._unresolved[item.order] = item
         if self._outbox is None:
@@ -651,6 +653,9 @@ class BudgetClient:
     def _end_session(self, session: _Session) -> None:
         self._session = None
         self._connected = anyio.Event()
+        # The next connection's subscribe brings the current spend; a
+        # subscriber added meanwhile must not start on this one's last.
+        self._last_spend = None
         # Everything in flight goes back to the front of the queue, in order:
         # it is resent on the next connection (the service dedupes).
         items = [item for batch in session.inflight for item in batch.items]
