@@ -8,7 +8,9 @@ enqueued concurrently (the outbox writes them in one fsync), then their ids
 are appended to LOG: a line in LOG means ``enqueue`` returned for that id, so
 the cost must be counted. Started again after a kill, it goes on after the
 last id in LOG (an id enqueued but not yet logged is enqueued again: the
-service counts it once). At the end it flushes and prints ``done``.
+service counts it once). While a file LOG.pause exists it waits before its
+next chunk (so that a test can hold it at a point of its choosing). At the
+end it flushes and prints ``done``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ def promised(log: Path) -> int:
 
 async def main(url: str, outbox: str, log_path: str, total: int, chunk: int, pace: float) -> None:
     log = Path(log_path)
+    pause = Path(f"{log_path}.pause")
     start = promised(log)
     async with BudgetClient(url, outbox=outbox) as client:
         with log.open("a") as out:
             for first in range(start, total, chunk):
+                while pause.exists():
+                    await anyio.sleep(0.02)
                 ids = range(first, min(first + chunk, total))
                 async with anyio.create_task_group() as tasks:
                     for i in ids:

@@ -135,8 +135,14 @@ async def test_the_service_killed_and_stopped_while_enqueue_goes_on(
         svc = await launcher.start(sqlite_url, "--port", port)
 
         await until(lambda: logged(log) >= 700, "700 costs promised")
+        # Hold the dispatcher while the service stops, so that the outage
+        # surely has costs left to take.
+        pause = tmp_path / "d.log.pause"
+        pause.touch()
         assert await svc.stop() == 0
         down_at = logged(log)
+        assert down_at < TOTAL - 200
+        pause.unlink()
         # The service is down: enqueue goes on, into the outbox.
         await until(lambda: logged(log) >= down_at + 200, "promises while the service is down")
         assert dispatcher.proc.poll() is None
