@@ -506,29 +506,33 @@ class Store(ABC):
 
     # -- internals -----------------------------------------------------------
 
-    def _run(self, work: Any, *, begin: str | None = None) -> Any:
+    def _run(self, work: Any, *, begin: str | None = None, framed: bool = True) -> Any:
         """Run ``work(cursor)`` in one transaction (started with ``begin``,
         by default :attr:`_BEGIN`). A transaction the database aborted to
         break a lock cycle (see :meth:`_conflict`) is run again, up to
         :data:`CONFLICT_RETRIES` times; any other failure drops the
-        connection and raises :class:`StoreError`."""
+        connection and raises :class:`StoreError`. ``framed=False``: ``work``
+        begins and commits the transaction itself (to send it in one go);
+        a failure still rolls it back."""
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
-                return self._transaction(work, begin or self._BEGIN)
+                return self._transaction(work, begin or self._BEGIN, framed)
             except StoreError as exc:
                 if not (exc.conflict and attempt < CONFLICT_RETRIES):
                     raise
         raise AssertionError("unreachable")
 
-    def _transaction(self, work: Any, begin: str) -> Any:
+    def _transaction(self, work: Any, begin: str, framed: bool = True) -> Any:
         try:
             if self._conn is None:
                 self._conn = self._connect()
             cur = self._conn.cursor()
             try:
-                cur.execute(begin)
+                if framed:
+                    cur.execute(begin)
                 result = work(cur)
-                cur.execute("COMMIT")
+                if framed:
+                    cur.execute("COMMIT")
                 return result
             except BaseException:
                 try:

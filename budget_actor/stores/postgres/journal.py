@@ -60,13 +60,39 @@ DAY_NUMBER = (
 def insert(
     cur: Any, batch: JournalBatch, instance: str | None
 ) -> tuple[list[JournalEntry], dict[tuple[str, str], list[Holder]]]:
-    """Insert the batch's journal rows (see :data:`JOURNAL_INSERT`); return
-    the rows refused, and for each the rows holding its dispatch id in its
-    dedupe window, ``(day, dispatch_id) -> [(instance, seq, day)]``."""
+    """Insert the batch's journal rows (see :data:`JOURNAL_INSERT`) in the
+    caller's transaction; return the rows refused, with their holders (see
+    :func:`holders`)."""
     cur.execute(JOURNAL_INSERT, {"rows": batch.json, "instance": instance})
     missing = {int(r[0]) for r in cur.fetchall()}
-    if not missing:
-        return [], {}
+    return holders(cur, batch, missing) if missing else ([], {})
+
+
+def insert_alone(cur: Any, batch: JournalBatch, instance: str | None, begin: str) -> set[int]:
+    """The batch's journal rows as a whole transaction of their own, sent in
+    one go (libpq's pipeline mode: BEGIN, the insert and COMMIT, then one
+    wait for the answers); return the seqs of the rows refused.
+
+    One round trip instead of three: besides the network, every wait lets
+    go of the GIL, and getting it back can take a while when the event
+    loop is busy. If the insert fails, the server skips the COMMIT and
+    psycopg raises when the pipeline ends; the caller rolls back.
+    """
+    conn = cur.connection
+    with conn.cursor() as rows:
+        with conn.pipeline():
+            cur.execute(begin)
+            rows.execute(JOURNAL_INSERT, {"rows": batch.json, "instance": instance})
+            cur.execute("COMMIT")
+        return {int(r[0]) for r in rows.fetchall()}
+
+
+def holders(
+    cur: Any, batch: JournalBatch, missing: set[int]
+) -> tuple[list[JournalEntry], dict[tuple[str, str], list[Holder]]]:
+    """The batch's rows whose seqs are ``missing`` (refused by the insert),
+    and for each the rows holding its dispatch id in its dedupe window,
+    ``(day, dispatch_id) -> [(instance, seq, day)]``."""
     # Not inserted: either this very row is there already (a retried
     # batch) or another row holds its dispatch_id in its window. A new
     # statement sees rows committed while the insert waited on them.
