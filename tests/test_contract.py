@@ -915,11 +915,14 @@ BAD_OPTIONS = [
     ["--no-such-option"],
     ["--instance-id", "has space"],
     ["--sync-interval", "0"],
+    ["--dedupe-cache", "-1"],
+    ["--dedupe-cache", "lots"],
 ]
 BAD_ENVIRONMENTS = [
     {"BUDGET_DAILY_CAP": "abc"},
     {"BUDGET_PORT": "abc"},
     {"BUDGET_SYNC_INTERVAL": "soon"},
+    {"BUDGET_DEDUPE_CACHE": "10000001"},
 ]
 
 

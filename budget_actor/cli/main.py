@@ -36,6 +36,7 @@ from ..core.access import (
     is_loopback,
 )
 from ..core.config import DEFAULT_SYNC_INTERVAL_S, BudgetConfig, ConfigError, make_config
+from ..core.dedupe import DEFAULT_DEDUPE_CACHE
 from ..core.webhook import parse_webhook_url
 from ..core.wire import encode
 from ..net.server import ServerOptions, serve
@@ -100,6 +101,13 @@ def _parser() -> _Parser:
         "--sync-interval",
         default=_env("BUDGET_SYNC_INTERVAL", "0.2"),
         help="seconds between reads of the other instances' spend (PostgreSQL)",
+    )
+    serve.add_argument(
+        "--dedupe-cache",
+        default=_env("BUDGET_DEDUPE_CACHE", str(DEFAULT_DEDUPE_CACHE)),
+        metavar="IDS",
+        help="recent dispatch ids kept in memory (about 130 bytes each); older"
+        " resends are refused by the database's unique keys",
     )
     serve.add_argument(
         "--log-level",
@@ -343,6 +351,7 @@ def _config(args: argparse.Namespace) -> BudgetConfig:
     return make_config(
         # Only `serve` has it: the other commands never sync.
         sync_interval_s=getattr(args, "sync_interval", DEFAULT_SYNC_INTERVAL_S),
+        dedupe_cache=getattr(args, "dedupe_cache", DEFAULT_DEDUPE_CACHE),
         daily_cap=args.daily_cap,
         alert_at=args.alert_at,
         alert_to=args.alert_to,
