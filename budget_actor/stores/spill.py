@@ -128,6 +128,12 @@ def _decode(line: bytes) -> JournalEntry:
         return msgspec.convert({**own, "cost": fields}, JournalEntry)
 
 
+# The largest amount a spilled cost may hold. No single LLM dispatch costs a
+# trillion dollars, so a line above it was never acknowledged by any
+# configuration; below it, the line passed some --max-cost when it was acked.
+DRAIN_CEILING = Decimal(10) ** 12
+
+
 def _check(entry: JournalEntry, max_cost: Decimal) -> JournalEntry:
     """The entry if it could have come from this service; raises ValueError
     naming the field at fault (never its value)."""
@@ -213,7 +219,10 @@ class SpillFile:
         self.quarantine = quarantine or Quarantine(
             self.path.with_name(self.path.name + ".quarantine")
         )
-        self._max_cost = max_cost
+        # A spilled cost was acknowledged under the --max-cost in force then,
+        # which may have been higher than today's: judged by today's, an
+        # acknowledged cost would be set aside and lost from the spend.
+        self._max_cost = max(max_cost, DRAIN_CEILING)
         self._fd: int | None = None
         self._locked = False
         # Invalid lines seen by the last read(), set aside by clear().
