@@ -501,3 +501,19 @@ def test_a_stale_view_of_the_other_instances_is_degraded() -> None:
     fresh = ledger.health(T0, store="postgresql", subscribers=0, uptime_s=0, sync_age_s=0.4)
     stale = ledger.health(T0, store="postgresql", subscribers=0, uptime_s=0, sync_age_s=1.5)
     assert (fresh.status, stale.status) == ("ok", "degraded")
+
+
+def test_an_id_the_store_found_counted_yesterday_answers_with_that_seq() -> None:
+    """Counted again today after it left the cache; the store says it was
+    counted yesterday: from then on the original's seq, not today's."""
+    ledger = Ledger(make_config(daily_cap="10", dedupe_cache=2), T0)
+    first = ledger.record(T0, Cost("a", Decimal("1"))).value
+    ledger.record(T0, Cost("b", Decimal("1")))
+    ledger.record(T0, Cost("c", Decimal("1")))  # "a" leaves the cache
+    tomorrow = T0 + timedelta(hours=12)
+    again = ledger.record(tomorrow, Cost("a", Decimal("1"))).value
+    assert again.entry is not None and not again.duplicate
+    ledger.uncount(again.entry, first.seq, "2026-12-01")
+    later = ledger.record(tomorrow, Cost("a", Decimal("1"))).value
+    assert (later.duplicate, later.seq) == (True, first.seq)
+    assert ledger.daily_spend == 0

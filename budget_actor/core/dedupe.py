@@ -90,7 +90,12 @@ class RecentIds:
         """Remember ``dispatch_id`` as counted by ``seq`` today (or yesterday)."""
         if self.capacity == 0:
             return
-        generation = self._previous if yesterday else self._today
+        generation, other = (
+            (self._previous, self._today) if yesterday else (self._today, self._previous)
+        )
+        # One answer per id: the store's word on an id this ledger counted
+        # today (found counted yesterday) replaces today's own seq.
+        other.ids.pop(dispatch_id, None)
         if dispatch_id not in generation.ids:
             generation.order.append(dispatch_id)
         generation.ids[dispatch_id] = seq
