@@ -8,9 +8,11 @@ trio-websocket by replaying the bytes already read into it; a plain ``GET`` of
 
 The server is only a client of the in-process :class:`~budget_actor.Budget`
 API. Per WebSocket connection there is a reader (decode, validate, forward), an
-ack writer (acks go out in order, each once its cost is durable) and, after
-``subscribe``, a pusher that drains the connection's latest-value
-subscription. A slow or dead peer blocks only its own tasks.
+ack writer (acks go out in order, each once its cost is durable, as many in one
+write as are ready) and, after ``subscribe``, a pusher task; one task for the
+whole server writes each released spend state to every subscriber
+(``pushes.py``), with pre-built frames (``wsframes.py``). A slow or dead peer
+blocks only its own tasks.
 
 Containment: every connection runs inside :meth:`_Server.handle`, which logs
 any exception with the peer's address and closes only that connection.
@@ -63,12 +65,14 @@ from ..core.wire import (
     encode,
     peek_type,
 )
-from ..runtime.fanout import Published, Subscription
+from ..runtime.fanout import Subscription
 from ..runtime.messages import BatchReceipt, CostReceipt, ServiceStopped
 from ..runtime.service import Budget
 from ..stores.store import StoreError
 from . import metrics as _metrics
 from . import page as _page
+from .pushes import Pusher, Pushes
+from .wsframes import FrameWriter, message_nowait, text_frame
 
 log = logging.getLogger("budget_actor.server")
 
@@ -82,11 +86,10 @@ ACK_WINDOW = 1024
 # switch per frame for a pipelining dispatcher; 8 lets it parse a whole TCP
 # read at once, while bounding what an unread connection holds (8 x 64 KiB).
 MESSAGE_QUEUE = 8
-# A subscriber gets at most one `spend` push per interval (alerts are not
-# held back). Pushes are latest-value, so nothing is lost but intermediate
-# states; without it, 1,000 subscribers at 2,000 costs/s would mean two
-# million sends a second.
-PUSH_INTERVAL_S = 0.1
+# Acks written in one call at most: bounds the bytes built up for one write
+# (~80 bytes each) while letting a pipelining dispatcher's acks that became
+# durable in the same commit leave together.
+ACK_BATCH = 512
 # Seconds a client refused for want of a slot should wait before trying
 # again: long enough that a crowd retrying does not spin, short enough that a
 # dispatcher whose old connection is just closing gets back in at once.
@@ -138,6 +141,11 @@ class _ReplayStream(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
+
+    @property
+    def transport(self) -> trio.abc.Stream:
+        """The stream beneath (for writes that bypass this wrapper)."""
+        return self._stream
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
@@ -197,6 +205,7 @@ async def serve(
             for listener in tcp
         ]
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.pushes.run)
         await nursery.start(trio.serve_listeners, server.handle, listeners)
         task_status.started(real_port)
 
@@ -237,6 +246,7 @@ class _Server:
         self.slots = Slots(
             options.max_connections, options.dispatcher_slots, options.max_per_address
         )
+        self.pushes = Pushes(budget.fanout)
         # Error replies sent, by code, for /metrics.
         self.errors: collections.Counter[str] = collections.Counter()
 
@@ -362,8 +372,9 @@ class _Server:
                 max_message_size=self.options.max_frame_bytes,
             )
             ws = await request.accept()
+            writer = FrameWriter(ws, stream.transport)
             try:
-                await _Session(self.budget, ws, role, self.options, self.errors).run()
+                await _Session(self, ws, writer, role).run()
             finally:
                 with trio.move_on_after(CLOSE_TIMEOUT_S) as closing:
                     closing.shield = True
@@ -539,27 +550,35 @@ _KIND: dict[type[Any], str] = {
 _Awaited = tuple[str | list[str], CostReceipt]
 
 
+def _ack(dispatch_id: str | list[str], receipt: CostReceipt) -> AckMessage | Acks:
+    """The `ack` of a durable cost, or the `acks` of a durable batch."""
+    if isinstance(receipt, BatchReceipt):
+        assert isinstance(dispatch_id, list)
+        items = zip(dispatch_id, receipt.seqs, receipt.duplicates, strict=True)
+        return Acks([Receipt(*item) for item in items])
+    assert isinstance(dispatch_id, str)
+    return AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
+
+
 class _Session:
     """One WebSocket client's conversation.
 
     The reader decodes, checks the role and the rate, and forwards; acks go
-    out from their own task, in order, each once its cost is durable; spend
-    pushes go out from the pusher task; a keepalive task drops a dead peer.
+    out from their own task, in order, each once its cost is durable; the
+    subscriber's pusher task and the server's push task send spend states
+    and alerts; a keepalive task drops a dead peer.
     """
 
     def __init__(
-        self,
-        budget: Budget,
-        ws: WebSocketConnection,
-        role: Role,
-        options: ServerOptions,
-        errors: collections.Counter[str],
+        self, server: _Server, ws: WebSocketConnection, writer: FrameWriter, role: Role
     ) -> None:
-        self.budget = budget
+        self.server = server
+        self.budget = server.budget
         self.ws = ws
+        self.writer = writer
         self.role = role
-        self.options = options
-        self.errors = errors
+        self.options = server.options
+        self.errors = server.errors
         self.subscription: Subscription | None = None
 
     async def run(self) -> None:
@@ -586,7 +605,10 @@ class _Session:
         window_started = trio.current_time()
         while True:
             try:
-                frame = await ws.get_message()
+                # Frames already parsed are taken without a scheduler pass each.
+                frame = message_nowait(ws)
+                if frame is None:
+                    frame = await ws.get_message()
             except ConnectionClosed:
                 return
             now = trio.current_time()
@@ -634,88 +656,81 @@ class _Session:
                 health = await budget.health()
                 if request.id is not None:
                     health = msgspec.structs.replace(health, id=request.id)
-                await ws.send_message(encode(health).decode())
+                await self.writer.send(text_frame(encode(health)))
             elif isinstance(request, SubscribeRequest):
                 if self.subscription is None:
-                    self.subscription = await budget.open_subscription()
+                    self.subscription = await budget.open_subscription(paced=False)
                     nursery.start_soon(self._pusher, self.subscription)
             elif isinstance(request, AdmitRequest):
                 admission = await budget.admit(request.dispatch_id, request.estimate_usd)
-                await ws.send_message(encode(admission).decode())
+                await self.writer.send(text_frame(encode(admission)))
 
     async def _error(self, code: ErrorCode, detail: str) -> None:
         self.errors[code] += 1
-        await self.ws.send_message(WireError(code, detail).frame().decode())
+        await self.writer.send(text_frame(WireError(code, detail).frame()))
 
     async def _ack_writer(self, acks: trio.MemoryReceiveChannel[_Awaited]) -> None:
+        """Send acks in order, each once durable: every answer that is ready
+        (durable, and after the ones before it) goes out in one write."""
         # A closing connection ends the writers quietly: raising here would
         # cancel the reader in the middle of its closing handshake, and the
         # peer would see an abnormal closure (1006) instead of our close code.
-        with contextlib.suppress(ConnectionClosed):
-            async for dispatch_id, receipt in acks:
-                if not receipt.durable.is_set():  # a set event would still cost a checkpoint
-                    await receipt.durable.wait()
-                if receipt.unavailable:
-                    # Not counted, not acknowledged; the service runs on.
-                    if isinstance(dispatch_id, str):
-                        first = dispatch_id
-                        detail = (
-                            f"cost {first!r} could not be made durable now (database and spill"
-                            " file failing); it was not counted: resend it later with the same"
-                            " dispatch_id"
-                        )
-                    else:
-                        first = dispatch_id[0]
-                        detail = (
-                            f"the batch of {len(dispatch_id)} costs from {first!r} could not all"
-                            " be made durable now (database and spill file failing); what was"
-                            " not durable was not counted: resend the batch later (what did"
-                            " count comes back as duplicates)"
-                        )
-                    error = WireError("unavailable", detail, first)
-                    self.errors["unavailable"] += 1
-                    await self.ws.send_message(error.frame().decode())
-                    continue
-                if receipt.failed:
-                    # Never acknowledged: the client must resend from here on.
-                    await self.ws.aclose(1011, "service stopped; resend unacknowledged costs")
-                    return
-                if isinstance(receipt, BatchReceipt):
-                    assert isinstance(dispatch_id, list)
-                    answer: AckMessage | Acks = Acks(
-                        [
-                            Receipt(*item)
-                            for item in zip(
-                                dispatch_id, receipt.seqs, receipt.duplicates, strict=True
-                            )
-                        ]
-                    )
-                else:
-                    assert isinstance(dispatch_id, str)
-                    answer = AckMessage(dispatch_id, receipt.duplicate, receipt.seq)
-                await self.ws.send_message(encode(answer).decode())
+        writer = self.writer
+        with contextlib.suppress(ConnectionClosed, trio.EndOfChannel):
+            waiting: _Awaited | None = None
+            while True:
+                dispatch_id, receipt = waiting or await acks.receive()
+                waiting = None
+                frames: list[bytes] = []
+                while True:
+                    if not receipt.durable.is_set():
+                        if frames:
+                            waiting = dispatch_id, receipt  # send the ready ones first
+                            break
+                        await receipt.durable.wait()
+                    if receipt.failed and not receipt.unavailable:
+                        if frames:
+                            await writer.send(b"".join(frames))
+                        # Never acknowledged: the client must resend from here on.
+                        await self.ws.aclose(1011, "service stopped; resend unacknowledged costs")
+                        return
+                    frames.append(self._answer(dispatch_id, receipt))
+                    if len(frames) == ACK_BATCH:
+                        break
+                    try:
+                        dispatch_id, receipt = acks.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                await writer.send(b"".join(frames))
+
+    def _answer(self, dispatch_id: str | list[str], receipt: CostReceipt) -> bytes:
+        """The frame answering a durable cost (`ack`) or batch (`acks`), or the
+        `unavailable` error of one that could not be made durable."""
+        if receipt.unavailable:
+            # Not counted, not acknowledged; the service runs on.
+            if isinstance(dispatch_id, str):
+                first = dispatch_id
+                detail = (
+                    f"cost {first!r} could not be made durable now (database and spill"
+                    " file failing); it was not counted: resend it later with the same"
+                    " dispatch_id"
+                )
+            else:
+                first = dispatch_id[0]
+                detail = (
+                    f"the batch of {len(dispatch_id)} costs from {first!r} could not all"
+                    " be made durable now (database and spill file failing); what was"
+                    " not durable was not counted: resend the batch later (what did"
+                    " count comes back as duplicates)"
+                )
+            self.errors["unavailable"] += 1
+            return text_frame(WireError("unavailable", detail, first).frame())
+        return text_frame(encode(_ack(dispatch_id, receipt)))
 
     async def _pusher(self, subscription: Subscription) -> None:
+        pusher = Pusher(self.writer, subscription)
         with contextlib.suppress(ConnectionClosed):  # see _ack_writer
-            await self._push(subscription)
-
-    async def _push(self, subscription: Subscription) -> None:
-        while True:
-            try:
-                item = await subscription.next()
-            except trio.EndOfChannel:
-                if subscription.overflowed:
-                    await self.ws.aclose(1008, "subscriber is not reading its alerts")
-                else:
-                    # The actor ended (stop or restart): close, so the client
-                    # reconnects and subscribes again instead of going silent.
-                    await self.ws.aclose(1012, "service restarting; subscribe again")
-                return
-            if isinstance(item, Published):
-                await self.ws.send_message(item.frame())
-                await trio.sleep(PUSH_INTERVAL_S)
-            else:
-                await self.ws.send_message(encode(item).decode())
+            await pusher.run(self.server.pushes, self.ws.aclose)
 
     async def _keepalive(self, session: trio.CancelScope) -> None:
         while True:

@@ -42,7 +42,7 @@ from ..stores.spill import SpillFile
 from ..stores.store import Store
 from .alerter import Alerter
 from .coordinator import Coordinator
-from .fanout import Published, Subscription
+from .fanout import Fanout, Published
 from .messages import (
     Admit,
     AlertDelivered,
@@ -101,6 +101,7 @@ class BudgetActor:
         policy: RestartPolicy,
         spill: SpillFile | None = None,
         stats: ServiceStats | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -119,7 +120,8 @@ class BudgetActor:
         self._admits: ResumableQueue[Admit] = ResumableQueue()
         # trio time of the last read of the other instances' totals.
         self._synced_at: float | None = None
-        self._subscribers: set[Subscription] = set()
+        # Outlives this actor (a restarted one publishes into the same one).
+        self._fanout = fanout if fanout is not None else Fanout()
         self._published: Published | None = None
         self._published_version = -1
         self._started_at = 0.0
@@ -214,8 +216,7 @@ class BudgetActor:
                 await self._loop(ledger)
                 nursery.cancel_scope.cancel()
         finally:
-            for subscription in self._subscribers:
-                subscription.close()
+            self._fanout.close_all()
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(SHUTDOWN_GRACE_S) as grace:
                     await persister.final_flush(
@@ -348,7 +349,7 @@ class BudgetActor:
             self._ledger.health(
                 self._clock(),
                 store=self.store.kind,
-                subscribers=len(self._subscribers),
+                subscribers=len(self._fanout),
                 uptime_s=round(trio.current_time() - self._started_at, 3),
                 sync_age_s=self._sync_age(),
                 spill_quarantined=self._spill.quarantine.count if self._spill else 0,
@@ -367,12 +368,10 @@ class BudgetActor:
             self._ledger.store_failed()
 
     def _on_subscribe(self, message: Subscribe) -> None:
-        self._subscribers.add(message.subscription)
-        message.subscription.offer_spend(self._current(self._ledger))
+        self._fanout.subscribe(message.subscription, self._current(self._ledger))
 
     def _on_unsubscribe(self, message: Unsubscribe) -> None:
-        self._subscribers.discard(message.subscription)
-        message.subscription.close()
+        self._fanout.unsubscribe(message.subscription)
 
     def _on_alert_delivered(self, message: AlertDelivered) -> None:
         alert = message.alert
@@ -392,8 +391,7 @@ class BudgetActor:
             alert.daily_cap,
             alert.day,
         )
-        for subscription in self._subscribers:
-            subscription.offer_alert(notice)
+        self._fanout.alert(notice)
 
     def _on_alert_withdrawn(self, message: AlertWithdrawn) -> None:
         self._apply(self._ledger.withdraw(self._clock(), message.alert).effects)
@@ -467,16 +465,9 @@ class BudgetActor:
         return published
 
     def _publish_if_changed(self, ledger: Ledger, before: int) -> None:
-        if ledger.version == before or not self._subscribers:
-            return
-        published = self._current(ledger)
-        gone = []
-        for subscription in self._subscribers:
-            if subscription.closed:
-                gone.append(subscription)
-            else:
-                subscription.offer_spend(published)
-        self._subscribers.difference_update(gone)
+        # One slot write: the fan-out task, not the actor, serves subscribers.
+        if ledger.version != before and self._fanout.listening:
+            self._fanout.publish(self._current(ledger))
 
     async def _tick(self) -> None:
         while True:

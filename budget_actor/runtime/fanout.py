@@ -1,17 +1,35 @@
-"""Subscriptions: bounded, latest-value queues between the actor and a subscriber.
+"""Fan-out: spend states and alerts to subscribers, never ahead of costs.
 
-The actor must never wait for a subscriber. So a subscription is not a channel
-but two slots: the *latest* ``spend`` state (a newer one replaces an older one
-that was not yet taken) and a short FIFO of ``alert`` notices, which are never
-dropped. Offering is synchronous and O(1); the subscriber's own task wakes up,
-takes what is there and does its slow sending on its own time.
+Work for a dispatcher (its frames, the actor, persisting, acks) keeps
+priority over pushes to observers. Three rules make it so:
 
-A :class:`Published` spend state caches its JSON encoding, so a change is
-encoded once however many WebSocket subscribers send it.
+* **The actor does no per-subscriber work for a spend state.** After a batch
+  it puts the newest state in one slot (:meth:`Fanout.publish`: O(1), no
+  encoding, no wake-ups beyond the fan-out task).
+* **One task releases states, paced by load** (:meth:`Fanout.run`). It
+  encodes each released state once (JSON bytes that every subscriber
+  shares) and releases at most one state per :data:`MIN_GAP_S`. While
+  costs flow, it spaces releases so that the observers' push work (which
+  the server reports with :meth:`Fanout.charge`) stays under
+  :data:`BUSY_SHARE` of the time; once the spend has stopped changing for
+  :data:`QUIET_S`, the newest state goes out at once (within
+  :data:`QUIET_SHARE`). When busy, subscribers get fewer, newer states; costs
+  never wait for them.
+* **Alerts are never skipped.** Each subscription keeps its own ordered queue
+  of alerts, offered by the actor (a handful per day). A subscriber that lets
+  :data:`MAX_PENDING_ALERTS` pile up is not reading at all: its subscription
+  is closed (``overflowed``) and its owner closes the connection, rather than
+  dropping an alert silently.
+
+A subscription is either *paced* (the in-process API: the fan-out task wakes
+it on every released state and :meth:`Subscription.next` hands it out) or
+served by its owner (the WebSocket server, which writes every released state
+to all its subscribers from one task of its own, see ``net/pushes.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import trio
@@ -23,67 +41,251 @@ from ..core.wire import encode
 # this many pile up is not reading at all. Past it the subscription is marked
 # overflowed and its owner closes it, rather than silently dropping an alert.
 MAX_PENDING_ALERTS = 256
+# At most one released state per this interval (100 per second): a single
+# change still goes out after at most this long, and a trickle of changes
+# cannot make every subscriber wake up for each one.
+MIN_GAP_S = 0.01
+# While the spend keeps changing (costs flow), releases are spaced so that
+# the push work the observers reported for the previous one is at most this
+# share of the time: 1,000 WebSocket subscribers cost ~10-15 ms per state,
+# so they get a state every ~0.1-0.15 s and the dispatcher keeps ~90% of the
+# event loop.
+BUSY_SHARE = 0.1
+# The spend counts as settled once it has not changed for this long; the
+# newest state is then released without waiting for the busy spacing, which
+# is what bounds how late the last state of a burst reaches subscribers.
+QUIET_S = 0.01
+# Once settled, pushes may take up to this share: no cost is waiting then.
+QUIET_SHARE = 0.5
 
 
 class Published:
-    """One spend state, shared by all subscribers, encoded at most once."""
+    """One spend state, shared by all subscribers, encoded at most once.
 
-    __slots__ = ("_frame", "spend")
+    ``number`` orders states: the fan-out gives each newly published state
+    the next number, so a subscriber can tell newer from older.
+    """
+
+    __slots__ = ("_json", "number", "spend")
 
     def __init__(self, spend: Spend) -> None:
         self.spend = spend
-        self._frame: str | None = None
+        self.number = 0
+        self._json: bytes | None = None
+
+    def json(self) -> bytes:
+        """The ``spend`` message as UTF-8 JSON, encoded on the first call."""
+        if self._json is None:
+            self._json = encode(self.spend)
+        return self._json
 
     def frame(self) -> str:
-        """The ``spend`` message as JSON text (WebSocket text frames are str)."""
-        if self._frame is None:
-            self._frame = encode(self.spend).decode()
-        return self._frame
+        """The ``spend`` message as JSON text."""
+        return self.json().decode()
 
 
 class Subscription:
-    """What one subscriber has not yet taken.
+    """What one subscriber has not yet taken: the state at subscribe time,
+    newer released states (paced subscriptions only) and its alerts.
 
-    :meth:`next` waits for the next item: pending alerts come first, in order,
-    then the latest spend state. Raises ``trio.EndOfChannel`` once the
-    subscription is closed and drained; ``overflowed`` tells why it closed, if
-    it was because the subscriber stopped reading alerts.
+    :meth:`next` waits for the next item: pending alerts first, in order,
+    then the newest state not yet taken. It raises ``trio.EndOfChannel``
+    once the subscription is closed and drained of alerts; ``overflowed``
+    tells whether it closed because the subscriber stopped reading alerts.
     """
 
-    def __init__(self) -> None:
-        self._latest: Published | None = None
+    def __init__(self, fanout: Fanout, *, paced: bool = True) -> None:
+        self._fanout = fanout
+        #: Woken by the fan-out task on every released state.
+        self.paced = paced
+        # The newest state when the actor took the subscription.
+        self._first: Published | None = None
+        # Number of the newest state handed out by next().
+        self._taken = 0
         self._alerts: deque[AlertNotice] = deque()
         self._lot = trio.lowlevel.ParkingLot()
         self.closed = False
         self.overflowed = False
 
+    @property
+    def first(self) -> Published:
+        """The state at subscribe time; set before ``open_subscription`` returns."""
+        assert self._first is not None, "not subscribed yet"
+        return self._first
+
     # -- the actor's side (synchronous, never blocks) -------------------------
 
-    def offer_spend(self, published: Published) -> None:
-        self._latest = published
-        self._lot.unpark_all()
-
     def offer_alert(self, alert: AlertNotice) -> None:
+        if self.closed:
+            return
         if len(self._alerts) >= MAX_PENDING_ALERTS:
             self.overflowed = True
             self.close()
             return
         self._alerts.append(alert)
-        self._lot.unpark_all()
+        self.wake()
 
     def close(self) -> None:
         self.closed = True
-        self._lot.unpark_all()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the subscriber's task if it waits in :meth:`wait`."""
+        if self._lot:
+            self._lot.unpark_all()
 
     # -- the subscriber's side -----------------------------------------------
 
+    def take_alert(self) -> AlertNotice | None:
+        return self._alerts.popleft() if self._alerts else None
+
+    def take_spend(self) -> Published | None:
+        """The newest state not yet taken, if any (a paced subscription also
+        sees released states; the first state is the floor)."""
+        newest = self._first
+        released = self._fanout.released
+        if self.paced and released is not None:
+            if newest is None or released.number > newest.number:
+                newest = released
+        if newest is None or newest.number <= self._taken:
+            return None
+        self._taken = newest.number
+        return newest
+
+    async def wait(self) -> None:
+        """Sleep until :meth:`wake` (an alert, a state, a close, or the owner)."""
+        await self._lot.park()
+
     async def next(self) -> Published | AlertNotice:
         while True:
-            if self._alerts:
-                return self._alerts.popleft()
-            if self._latest is not None:
-                latest, self._latest = self._latest, None
-                return latest
+            alert = self.take_alert()
+            if alert is not None:
+                return alert
+            spend = self.take_spend()
+            if spend is not None:
+                return spend
             if self.closed:
                 raise trio.EndOfChannel
-            await self._lot.park()
+            await self.wait()
+
+
+class Fanout:
+    """The actor's publication slot and the task that releases states.
+
+    Lives as long as the service (across actor restarts); the actor of the
+    moment publishes into it and registers subscriptions with it.
+    """
+
+    def __init__(self) -> None:
+        self._subscriptions: set[Subscription] = set()
+        # The paced ones among them, woken on every release.
+        self._paced: set[Subscription] = set()
+        self._newest: Published | None = None
+        #: The newest state released to subscribers (encoded).
+        self.released: Published | None = None
+        self._numbered = 0
+        self._published_at = -math.inf
+        self._released_at = -math.inf
+        # Observers' push time charged since the last release.
+        self._cost = 0.0
+        # The fan-out task, waiting for a state newer than the released one.
+        self._idle = trio.lowlevel.ParkingLot()
+        # Owners waiting in released_after().
+        self._rounds = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)
+
+    # -- the actor's side (synchronous, O(1) per state) ----------------------
+
+    @property
+    def listening(self) -> bool:
+        """True if anyone subscribes, i.e. states are worth building."""
+        return bool(self._subscriptions)
+
+    def publish(self, published: Published) -> None:
+        """Make ``published`` the newest state (no-op if it already is)."""
+        if published is self._newest:
+            return
+        self._numbered += 1
+        published.number = self._numbered
+        self._newest = published
+        self._published_at = trio.current_time()
+        if self._idle:
+            self._idle.unpark_all()
+
+    def subscribe(self, subscription: Subscription, current: Published) -> None:
+        """Register ``subscription``; ``current`` (the newest state) is its first."""
+        self.publish(current)
+        subscription._first = current
+        self._subscriptions.add(subscription)
+        if subscription.paced:
+            self._paced.add(subscription)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        self._paced.discard(subscription)
+        subscription.close()
+
+    def alert(self, notice: AlertNotice) -> None:
+        """Queue ``notice`` for every subscriber; overflowed ones are dropped."""
+        gone = []
+        for subscription in self._subscriptions:
+            subscription.offer_alert(notice)
+            if subscription.closed:
+                gone.append(subscription)
+        self._subscriptions.difference_update(gone)
+        self._paced.difference_update(gone)
+
+    def close_all(self) -> None:
+        """The actor ends: every subscription ends (owners subscribe again)."""
+        for subscription in self._subscriptions:
+            subscription.close()
+        self._subscriptions.clear()
+        self._paced.clear()
+
+    # -- the owners' side -----------------------------------------------------
+
+    async def released_after(self, number: int) -> Published:
+        """Wait for a released state numbered above ``number``; the newest one."""
+        while self.released is None or self.released.number <= number:
+            await self._rounds.park()
+        return self.released
+
+    def charge(self, seconds: float) -> None:
+        """Report push work done for the last released state (spaces the next)."""
+        self._cost += seconds
+
+    # -- the fan-out task -----------------------------------------------------
+
+    def _due(self) -> float:
+        """When the next state may be released (trio time)."""
+        busy = self._released_at + max(MIN_GAP_S, self._cost / BUSY_SHARE)
+        quiet = max(
+            self._released_at + max(MIN_GAP_S, self._cost / QUIET_SHARE),
+            self._published_at + QUIET_S,
+        )
+        return min(busy, quiet)
+
+    async def run(self) -> None:
+        """Release the newest state whenever the pacing allows; runs until
+        cancelled. Never raises otherwise: it only reads clocks and wakes tasks."""
+        while True:
+            newest = self._newest
+            if newest is None or newest is self.released:
+                await self._idle.park()
+                continue
+            now = trio.current_time()
+            due = self._due()
+            if now < due:
+                # States published meanwhile move the quiet point: look again.
+                await trio.sleep_until(due)
+                continue
+            newest.json()  # encoded once, here, for every subscriber
+            self.released = newest
+            self._released_at = now
+            self._cost = 0.0
+            if self._rounds:
+                self._rounds.unpark_all()
+            for subscription in self._paced:
+                subscription.wake()

@@ -34,7 +34,7 @@ from ..stores.open import open_store
 from ..stores.spill import SpillFile, claim
 from ..stores.store import Store, StoreError
 from .actor import BudgetActor, drain_spill, run_supervised
-from .fanout import Published, Subscription
+from .fanout import Fanout, Published, Subscription
 from .history import HistoryReader
 from .messages import (
     Admit,
@@ -86,9 +86,13 @@ class Budget:
         outbox: trio.MemorySendChannel[Message],
         stats: ServiceStats | None = None,
         history: HistoryReader | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
         self.config = config
         self.store_kind = store_kind
+        #: Released spend states, for servers that push them themselves
+        #: (``open_subscription(paced=False)``).
+        self.fanout = fanout if fanout is not None else Fanout()
         #: Histograms and counters gathered where they happen (for /metrics).
         self.stats = stats or ServiceStats()
         self._history = history
@@ -264,11 +268,17 @@ class Budget:
                 self._outbox.send_nowait(Unsubscribe(subscription))
             subscription.close()
 
-    async def open_subscription(self) -> Subscription:
+    async def open_subscription(self, *, paced: bool = True) -> Subscription:
         """Lower-level :meth:`subscribe` for servers: items are
-        :class:`Published` (with a cached JSON frame) or alerts. The caller
-        must send :meth:`unsubscribe` when done."""
-        subscription = Subscription()
+        :class:`Published` (with a cached JSON encoding) or alerts. The caller
+        must send :meth:`unsubscribe` when done.
+
+        With ``paced=False`` the subscription yields only its first state and
+        its alerts; the caller takes later states from :attr:`fanout`
+        (:meth:`Fanout.released_after`) and reports its push work there
+        (:meth:`Fanout.charge`). Raises :class:`ServiceStopped` if the
+        service has stopped."""
+        subscription = Subscription(self.fanout, paced=paced)
         await self._send(Subscribe(subscription))
         return subscription
 
@@ -351,6 +361,7 @@ async def open_budget(
         stats = ServiceStats()
         if hooks:
             stats.webhooks = WebhookStats()
+        fanout = Fanout()
 
         def make_actor() -> BudgetActor:
             return BudgetActor(
@@ -363,6 +374,7 @@ async def open_budget(
                 policy=restart_policy,
                 spill=spill_file,
                 stats=stats,
+                fanout=fanout,
             )
 
         def restarted(child: str) -> None:
@@ -384,10 +396,25 @@ async def open_budget(
             with webhooks_scope:
                 await supervise("webhooks", sender.run, restart_policy, restarted)
 
+        # The fan-out task only paces and wakes (nothing in it can fail); it
+        # ends with the last actor, which closes every subscription.
+        releasing = trio.CancelScope()
+
+        async def release_states() -> None:
+            with releasing:
+                await fanout.run()
+
+        async def run_actors(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                await run_supervised(make_actor, inbox, restart_policy, task_status=task_status)
+            finally:
+                releasing.cancel()
+
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(run_supervised, make_actor, inbox, restart_policy)
-                budget = Budget(config, store.kind, outbox, stats, history)
+                nursery.start_soon(release_states)
+                await nursery.start(run_actors)
+                budget = Budget(config, store.kind, outbox, stats, history, fanout)
                 if companion is not None and stats.webhooks is not None:
                     sender = WebhookSender(
                         companion,
