@@ -363,17 +363,19 @@ def frame(
 
 
 class StuckClient:
-    """A WebSocket client on a raw socket with a tiny receive buffer, which
-    completes the handshake and then never reads again."""
+    """A WebSocket client on a raw socket with a tiny receive buffer (or the
+    system's default, with ``receive_buffer=None``), which completes the
+    handshake and then never reads again."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, receive_buffer: int | None = 1024) -> None:
         self.host = host
         self.port = port
         self.sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        try:
-            self.sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 1024)
-        except OSError:
-            pass
+        if receive_buffer is not None:
+            try:
+                self.sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, receive_buffer)
+            except OSError:
+                pass
 
     async def open(self) -> None:
         await self.sock.connect((self.host, self.port))

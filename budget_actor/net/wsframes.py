@@ -41,12 +41,12 @@ import termios
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-# A connection whose peer has not acknowledged more than this many bytes gets
-# no synchronous write (its own task waits for the socket instead). Far below
-# any TCP send buffer (at least 4 KiB, 16 KiB by default on Linux), so that a
-# synchronous write of a spend state (~250 bytes) is not expected to be cut
-# short; a few delayed-ACK pushes stay below it.
-UNACKED_LIMIT = 2048
+# A synchronous write happens only if the bytes the peer has not yet
+# acknowledged plus the new ones stay within this. Far below any TCP send
+# buffer (at least 4 KiB, 16 KiB by default on Linux), so the kernel takes
+# such a write whole; a spend state is ~250 bytes, so a peer may be a few
+# pushes behind (delayed ACKs) and still be written to directly.
+DIRECT_LIMIT = 2048
 # Linux only: the ioctl that reads how much a TCP socket has not had
 # acknowledged. Elsewhere every write takes the awaited path.
 _OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
@@ -109,13 +109,20 @@ class FrameWriter:
         cut, since a partial frame cannot be completed without waiting and
         nothing else may be written after it. Returns False, having written
         nothing, when the connection is closing, another write holds the
-        lock, the transport is not plain TCP, the peer is behind (more than
-        :data:`UNACKED_LIMIT` bytes unacknowledged) or the socket is full or
-        broken; the caller then uses :meth:`send` from a task that may wait.
+        lock, the transport is not plain TCP, the peer is behind (its
+        unacknowledged bytes and ``data`` exceed :data:`DIRECT_LIMIT`) or the
+        socket is full or broken; the caller then uses :meth:`send` from a
+        task that may wait.
         Never awaits, so no other task runs in between.
         """
         sock = self._socket
-        if sock is None or self._ws._close_reason is not None or self._lock.locked():
+        size = len(data)
+        if (
+            sock is None
+            or size > DIRECT_LIMIT
+            or self._ws._close_reason is not None
+            or self._lock.locked()
+        ):
             return False
         fd = sock.fileno()
         if fd < 0:
@@ -123,14 +130,14 @@ class FrameWriter:
         outq = self._outq
         try:
             fcntl.ioctl(fd, _OUTQ, outq)  # type: ignore[arg-type]
-            if outq[0] > UNACKED_LIMIT:
+            if outq[0] + size > DIRECT_LIMIT:
                 return False
             sent = os.write(fd, data)
         except OSError:
             # Would block, or broken: the awaited path waits, or finds out
             # and closes the connection the way trio-websocket does.
             return False
-        if sent < len(data):
+        if sent < size:
             # The peer's buffers filled up between the check and the write.
             # trio wakes the connection's reader, which ends the session.
             sock.close()
