@@ -24,7 +24,7 @@ WS_WARMUP_S = 0.5
 # (budget_actor.net.server.ACK_WINDOW), so the server, not the client, limits.
 WS_WINDOW = 1024
 WS_TARGET = 5_000.0
-WS_TARGET_RATIO = 0.5
+WS_TARGET_RATIO = 0.7
 USD = "0.000001"
 
 

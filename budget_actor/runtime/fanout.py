@@ -8,13 +8,15 @@ priority over pushes to observers. Three rules make it so:
   encoding, no wake-ups beyond the fan-out task).
 * **One task releases states, paced by load** (:meth:`Fanout.run`). It
   encodes each released state once (JSON bytes that every subscriber
-  shares) and releases at most one state per :data:`MIN_GAP_S`. While
-  costs flow, it spaces releases so that the observers' push work (which
-  the server reports with :meth:`Fanout.charge`) stays under
-  :data:`BUSY_SHARE` of the time; once the spend has stopped changing for
-  :data:`QUIET_S`, the newest state goes out at once (within
-  :data:`QUIET_SHARE`). When busy, subscribers get fewer, newer states; costs
-  never wait for them.
+  shares). While costs flow (the spend keeps changing), it releases the
+  newest state only once the observers' push work for the previous one
+  (which the server reports with :meth:`Fanout.charge`) is at most
+  :data:`BUSY_SHARE` of the event loop's own CPU time for everything else
+  since then, and at least every :data:`MAX_GAP_S`. Once the spend has
+  stopped changing for :data:`QUIET_S`, the newest state goes out at once.
+  Never more than one state per :data:`MIN_GAP_S`, and pushes never take
+  more than :data:`WALL_SHARE` of the time. When busy, subscribers get
+  fewer, newer states; costs never wait for them.
 * **Alerts are never skipped.** Each subscription keeps its own ordered queue
   of alerts, offered by the actor (a handful per day). A subscriber that lets
   :data:`MAX_PENDING_ALERTS` pile up is not reading at all: its subscription
@@ -30,7 +32,9 @@ to all its subscribers from one task of its own, see ``net/pushes.py``).
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -45,18 +49,24 @@ MAX_PENDING_ALERTS = 256
 # change still goes out after at most this long, and a trickle of changes
 # cannot make every subscriber wake up for each one.
 MIN_GAP_S = 0.01
-# While the spend keeps changing (costs flow), releases are spaced so that
-# the push work the observers reported for the previous one is at most this
-# share of the time: 1,000 WebSocket subscribers cost ~10-15 ms per state,
-# so they get a state every ~0.1-0.15 s and the dispatcher keeps ~90% of the
-# event loop.
+# While the spend keeps changing (costs flow), a state is released once the
+# push work reported for the previous one is at most this share of the event
+# loop's CPU time spent on everything else since: the dispatcher keeps at
+# least ~90% of what the service's loop does. 1,000 WebSocket subscribers
+# cost ~10-15 ms per state.
 BUSY_SHARE = 0.1
+# ... but at least this often, however idle the loop: how stale a busy
+# dashboard may get (when the loop is idle, the busy rule alone would hold a
+# state back until enough other work had been done).
+MAX_GAP_S = 0.5
 # The spend counts as settled once it has not changed for this long; the
-# newest state is then released without waiting for the busy spacing, which
-# is what bounds how late the last state of a burst reaches subscribers.
+# newest state is then released at once. This bounds how late the last state
+# of a burst reaches subscribers.
 QUIET_S = 0.01
-# Once settled, pushes may take up to this share: no cost is waiting then.
-QUIET_SHARE = 0.5
+# Whatever the load, pushes take at most this share of the wall time.
+WALL_SHARE = 0.5
+# How often a waiting state is looked at again while the spend keeps changing.
+POLL_S = QUIET_S
 
 
 class Published:
@@ -176,7 +186,9 @@ class Fanout:
     moment publishes into it and registers subscriptions with it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_clock: Callable[[], float] = time.thread_time) -> None:
+        # CPU time of the event loop's thread (the fan-out task runs there).
+        self._cpu_clock = cpu_clock
         self._subscriptions: set[Subscription] = set()
         # The paced ones among them, woken on every release.
         self._paced: set[Subscription] = set()
@@ -186,6 +198,7 @@ class Fanout:
         self._numbered = 0
         self._published_at = -math.inf
         self._released_at = -math.inf
+        self._released_cpu = 0.0
         # Observers' push time charged since the last release.
         self._cost = 0.0
         # The fan-out task, waiting for a state newer than the released one.
@@ -258,14 +271,16 @@ class Fanout:
 
     # -- the fan-out task -----------------------------------------------------
 
-    def _due(self) -> float:
-        """When the next state may be released (trio time)."""
-        busy = self._released_at + max(MIN_GAP_S, self._cost / BUSY_SHARE)
-        quiet = max(
-            self._released_at + max(MIN_GAP_S, self._cost / QUIET_SHARE),
-            self._published_at + QUIET_S,
-        )
-        return min(busy, quiet)
+    def _may_release(self, now: float) -> bool:
+        """Whether the newest state may be released now (see the module doc)."""
+        since = now - self._released_at
+        cost = self._cost
+        if since < MIN_GAP_S or cost > WALL_SHARE * since:
+            return False
+        if now - self._published_at >= QUIET_S or since >= MAX_GAP_S:
+            return True
+        others = self._cpu_clock() - self._released_cpu - cost
+        return cost <= BUSY_SHARE * others
 
     async def run(self) -> None:
         """Release the newest state whenever the pacing allows; runs until
@@ -276,14 +291,13 @@ class Fanout:
                 await self._idle.park()
                 continue
             now = trio.current_time()
-            due = self._due()
-            if now < due:
-                # States published meanwhile move the quiet point: look again.
-                await trio.sleep_until(due)
+            if not self._may_release(now):
+                await trio.sleep(POLL_S)
                 continue
             newest.json()  # encoded once, here, for every subscriber
             self.released = newest
             self._released_at = now
+            self._released_cpu = self._cpu_clock()
             self._cost = 0.0
             if self._rounds:
                 self._rounds.unpark_all()
