@@ -3,9 +3,10 @@
 Its mailbox is a bounded trio memory channel of :mod:`budget_actor.runtime.messages`.
 It drains the mailbox in batches, feeds each message to the pure
 :class:`~budget_actor.core.ledger.Ledger`, hands the resulting work to its children
-without ever waiting for them, and after each batch publishes the new spend
-state to subscribers once. Nothing else touches the ledger, so there are no
-locks.
+without ever waiting for them, and after each batch puts the new spend state
+in the fan-out's slot (one write, whatever the number of subscribers; see
+:mod:`budget_actor.runtime.fanout`). Nothing else touches the ledger, so
+there are no locks.
 
 Children, each supervised (restart with backoff, escalate when failing too
 often):
