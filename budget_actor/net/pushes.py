@@ -30,9 +30,11 @@ from ..core.wire import encode
 from ..runtime.fanout import Fanout, Published, Subscription
 from .wsframes import FrameWriter, text_frame
 
-# Subscribers written per scheduler pass: ~64 writes of ~10 µs, so a
-# dispatcher's task waits well under a millisecond for its next turn.
-CHUNK = 64
+# Subscribers written per scheduler pass. A write costs 15-80 µs on the
+# 2-core machine of docs/performance.md (the kernel delivers on loopback in
+# the writer's time), so a dispatcher's task waits at most a millisecond or
+# two for its next turn during a round.
+CHUNK = 32
 # What handing a state to a subscriber's own task costs the event loop (a
 # wake-up, two scheduler passes, an awaited write): measured at 25-35 µs on
 # the 2-core machine of docs/performance.md. Charged to the fan-out with the
