@@ -51,10 +51,11 @@ MAX_PENDING_ALERTS = 256
 MIN_GAP_S = 0.01
 # While the spend keeps changing (costs flow), a state is released once the
 # push work reported for the previous one is at most this share of the event
-# loop's CPU time spent on everything else since: the dispatcher keeps at
-# least ~90% of what the service's loop does. 1,000 WebSocket subscribers
-# cost ~10-15 ms per state.
-BUSY_SHARE = 0.1
+# loop's CPU time spent on everything else since. 1,000 WebSocket subscribers
+# cost 15-80 ms per state on the 2-core machine; other per-subscriber costs
+# (pings, the kernel's own work) come on top, so the share is kept small: a
+# dispatcher kept 0.82 of its rate with 10% in one run, 0.84-0.85 with 5%.
+BUSY_SHARE = 0.05
 # ... but at least this often, however idle the loop: how stale a busy
 # dashboard may get (when the loop is idle, the busy rule alone would hold a
 # state back until enough other work had been done). At 0.5 s it overrode the
