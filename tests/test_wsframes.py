@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
@@ -22,7 +23,13 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from budget_actor.net.wsframes import DIRECT_LIMIT, FrameWriter, message_nowait, text_frame
+from budget_actor.net.wsframes import (
+    DIRECT_LIMIT,
+    FrameWriter,
+    eager_receive,
+    message_nowait,
+    text_frame,
+)
 
 from ._client import StuckClient
 
@@ -259,3 +266,62 @@ async def test_message_nowait_takes_what_was_already_received() -> None:
             with trio.fail_after(10):
                 assert await ws.get_message() == '"done"'
     assert taken == [f"m{i}" for i in range(5)]
+
+
+async def test_eager_receive_queues_without_a_checkpoint_and_waits_when_full() -> None:
+    """After eager_receive, the reader's queueing of a message makes no
+    scheduler pass while the queue has room, and still waits when it is full."""
+    outcome: list[object] = []
+
+    async def handler(ws: WebSocketConnection, writer: FrameWriter) -> None:
+        eager_receive(ws)
+        queue = ws._send_channel  # what trio-websocket's reader sends into
+        room = ws._recv_channel.statistics().max_buffer_size
+        with trio.testing.assert_no_checkpoints():
+            for i in range(room):
+                await queue.send(f"injected {i}")
+        blocked = trio.Event()
+
+        async def one_more() -> None:
+            with trio.testing.assert_checkpoints():
+                await queue.send("one more")
+            blocked.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_more)
+            await trio.testing.wait_all_tasks_blocked()
+            outcome.append(blocked.is_set())  # still waiting: the queue is full
+            outcome.append(await ws.get_message())
+        outcome.append(blocked.is_set())
+        await writer.send(text_frame(b'"done"'))
+        await ws.get_message()
+
+    async with server(handler) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+            with trio.fail_after(10):
+                assert await ws.get_message() == '"done"'
+    assert outcome == [False, "injected 0", True]
+
+
+async def test_eager_receive_keeps_every_message_in_order_and_closes_as_before() -> None:
+    got: list[str | bytes] = []
+    closed: list[int] = []
+
+    async def handler(ws: WebSocketConnection, writer: FrameWriter) -> None:
+        eager_receive(ws)
+        try:
+            while True:
+                message = message_nowait(ws)
+                got.append(await ws.get_message() if message is None else message)
+        except ConnectionClosed as exc:
+            closed.append(exc.reason.code)
+
+    async with server(handler) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+            for i in range(2000):
+                await ws.send_message(f"m{i}")
+        with trio.fail_after(10):
+            while not closed:
+                await trio.sleep(0.01)
+    assert got == [f"m{i}" for i in range(2000)]
+    assert closed == [1000]

@@ -72,7 +72,7 @@ from ..stores.store import StoreError
 from . import metrics as _metrics
 from . import page as _page
 from .pushes import Pusher, Pushes
-from .wsframes import FrameWriter, message_nowait, text_frame
+from .wsframes import FrameWriter, eager_receive, message_nowait, text_frame
 
 log = logging.getLogger("budget_actor.server")
 
@@ -372,6 +372,7 @@ class _Server:
                 max_message_size=self.options.max_frame_bytes,
             )
             ws = await request.accept()
+            eager_receive(ws)
             writer = FrameWriter(ws, stream.transport)
             try:
                 await _Session(self, ws, writer, role).run()

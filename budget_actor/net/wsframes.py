@@ -5,8 +5,9 @@ trio-websocket sends every message through wsproto and writes it with one
 a UTF-8 round trip, a lock and at least two scheduler passes. What the
 service sends most, spend states (the same bytes for every subscriber) and
 acks (often many ready at once), is framed here instead, once, and written to
-the same stream under the same lock; :func:`message_nowait` takes frames
-trio-websocket has already parsed without a scheduler pass per frame.
+the same stream under the same lock. On the way in, :func:`eager_receive`
+lets trio-websocket's reader queue the frames it parsed without a scheduler
+pass per frame, and :func:`message_nowait` takes them without one either.
 
 Why writing beside trio-websocket is safe:
 
@@ -24,7 +25,7 @@ Why writing beside trio-websocket is safe:
   ``_close_reason`` before it sends a close frame.
 
 The trio-websocket internals used (0.12): ``WebSocketConnection._stream``,
-``._stream_lock``, ``._close_reason``, ``._recv_channel``,
+``._stream_lock``, ``._close_reason``, ``._recv_channel``, ``._send_channel``,
 ``._abort_web_socket()`` and ``._wsproto`` (wsproto 1.x: ``connection._proto``).
 ``tests/test_wsframes.py`` checks the frames against a real trio-websocket
 client and the behaviour this module relies on.
@@ -60,6 +61,38 @@ def text_frame(payload: bytes) -> bytes:
     if n < 1 << 16:
         return b"\x81\x7e" + n.to_bytes(2, "big") + payload
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+class _EagerQueue:
+    """trio-websocket's queue of received messages, seen from its reader task:
+    a message is queued without a scheduler pass while the queue has room."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: trio.MemorySendChannel[str | bytes]) -> None:
+        self._inner = inner
+
+    async def send(self, message: str | bytes) -> None:
+        try:
+            self._inner.send_nowait(message)
+        except trio.WouldBlock:
+            await self._inner.send(message)  # full: wait, as trio-websocket does
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def eager_receive(ws: WebSocketConnection) -> None:
+    """Let the connection's reader task queue each parsed message without a
+    scheduler pass (trio's ``send`` makes one even when there is room).
+
+    A pipelining client's frames arrive many per network read; trio-websocket
+    would hand them over one scheduler pass each, and every pass also runs
+    every other runnable task. Its reader still waits (a checkpoint) when the
+    queue is full and at every network read, so it never runs for long.
+    Closing is unchanged: the queue is the same channel underneath.
+    """
+    ws._send_channel = _EagerQueue(ws._send_channel)  # type: ignore[assignment]
 
 
 def message_nowait(ws: WebSocketConnection) -> str | bytes | None:
