@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NoReturn
+from zoneinfo import ZoneInfo
 
 import msgspec
 import trio
@@ -482,22 +483,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return trio.run(run_demo, args.linger)
 
 
+def _store_zone(args: argparse.Namespace) -> ZoneInfo | str:
+    """The time zone of a command that reads the store (verify, report), or
+    the one-line complaint about its ``--database`` or ``--timezone``."""
+    try:
+        check_database_url(args.database)
+    except BadDatabaseURL as exc:
+        return str(exc)
+    try:
+        return ZoneInfo(args.timezone)
+    except Exception:
+        return f"`timezone` is not a known time zone: {args.timezone!r}"
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from datetime import UTC, date, datetime
-    from zoneinfo import ZoneInfo
 
     from ..core.audit import audit
     from ..core.records import Snapshot
     from ..stores.open import open_store
 
-    try:
-        check_database_url(args.database)
-    except BadDatabaseURL as exc:
-        return _fail(str(exc))
-    try:
-        zone = ZoneInfo(args.timezone)
-    except Exception:
-        return _fail(f"`timezone` is not a known time zone: {args.timezone!r}")
+    zone = _store_zone(args)
+    if isinstance(zone, str):
+        return _fail(zone)
     day = args.day or datetime.now(UTC).astimezone(zone).date().isoformat()
     try:
         date.fromisoformat(day)
@@ -620,20 +628,14 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
-    from zoneinfo import ZoneInfo
 
     from ..core.money import InvalidAmount, parse_usd
     from ..stores.open import open_store
     from . import report as _report
 
-    try:
-        check_database_url(args.database)
-    except BadDatabaseURL as exc:
-        return _fail(str(exc))
-    try:
-        zone = ZoneInfo(args.timezone)
-    except Exception:
-        return _fail(f"`timezone` is not a known time zone: {args.timezone!r}")
+    zone = _store_zone(args)
+    if isinstance(zone, str):
+        return _fail(zone)
     if not 1 <= args.days <= _report.MAX_DAYS:
         return _fail(f"`days` must be in 1..{_report.MAX_DAYS}, got {args.days}")
     try:
