@@ -351,7 +351,8 @@ class Budget:
 
 
 # The fields a record_many item may carry: those of record().
-_COST_FIELDS = ("dispatch_id", "usd", "model", "input_tokens", "output_tokens", "agent")
+_COST_FIELDS = frozenset(("dispatch_id", "usd", "model", "input_tokens", "output_tokens", "agent"))
+_MISSING = object()
 
 
 def _checked_batch(costs: Sequence[Mapping[str, object]], max_cost: Decimal) -> list[Cost]:
@@ -366,19 +367,31 @@ def _checked_batch(costs: Sequence[Mapping[str, object]], max_cost: Decimal) -> 
         )
     checked = []
     for index, item in enumerate(costs):
-        where = f"costs[{index}]"
         if not isinstance(item, Mapping):
-            raise InvalidCost(f"{where} must be a mapping of a cost's fields", "invalid_message")
-        unknown = sorted(str(k) for k in item if k not in _COST_FIELDS)
-        if unknown:
-            raise InvalidCost(f"{where}: unknown field {unknown[0]!r}", "invalid_message")
-        for required in ("dispatch_id", "usd"):
-            if required not in item:
-                raise InvalidCost(f"{where}.{required} is missing", "invalid_message")
+            raise InvalidCost(
+                f"costs[{index}] must be a mapping of a cost's fields", "invalid_message"
+            )
+        if not item.keys() <= _COST_FIELDS:
+            unknown = sorted(str(k) for k in item if k not in _COST_FIELDS)[0]
+            raise InvalidCost(f"costs[{index}]: unknown field {unknown!r}", "invalid_message")
+        get = item.get
+        dispatch_id, usd = get("dispatch_id", _MISSING), get("usd", _MISSING)
+        if dispatch_id is _MISSING or usd is _MISSING:
+            missing = "dispatch_id" if dispatch_id is _MISSING else "usd"
+            raise InvalidCost(f"costs[{index}].{missing} is missing", "invalid_message")
         try:
-            checked.append(make_cost(*(item.get(name) for name in _COST_FIELDS), max_cost=max_cost))
+            cost = make_cost(
+                dispatch_id,
+                usd,
+                get("model"),
+                get("input_tokens"),
+                get("output_tokens"),
+                get("agent"),
+                max_cost=max_cost,
+            )
         except InvalidCost as exc:
-            raise InvalidCost(f"{where}: {exc.detail}", exc.code) from None
+            raise InvalidCost(f"costs[{index}]: {exc.detail}", exc.code) from None
+        checked.append(cost)
     return checked
 
 
