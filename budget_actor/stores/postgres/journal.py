@@ -9,6 +9,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+
 from ...core.dedupe import neighbours
 from ...core.money import MONEY_CONTEXT
 from ...core.records import NUDGE_TYPE, Alert, JournalEntry, Snapshot
@@ -85,6 +87,64 @@ def insert_alone(cur: Any, batch: JournalBatch, instance: str | None, begin: str
             rows.execute(JOURNAL_INSERT, {"rows": batch.json, "instance": instance})
             cur.execute("COMMIT")
         return {int(r[0]) for r in rows.fetchall()}
+
+
+# The fast path's statements after the COPY: the batch's share of each day
+# (sums made in Python, exact) and the settling of its reservations.
+_SETTLE = (
+    "DELETE FROM budget_reservations b USING unnest(%s::text[], %s::text[])"
+    " AS u(day, dispatch_id) WHERE b.day = u.day AND b.dispatch_id = u.dispatch_id"
+)
+_COPY = (
+    "COPY budget_journal (instance, seq, day, recorded_at, dispatch_id, usd, model,"
+    " input_tokens, output_tokens, agent) FROM STDIN"
+)
+
+
+def insert_copied(cur: Any, batch: JournalBatch, instance: str, begin: str) -> bool:
+    """The batch's journal rows as a whole transaction of their own, through
+    COPY: about twice the rows per second of :data:`JOURNAL_INSERT` on the
+    server (plain inserts instead of ``ON CONFLICT`` over three unique keys
+    and the statement around them). True if it committed.
+
+    COPY cannot skip a row: if any row's dispatch id is already held in its
+    dedupe window (a retried batch, a duplicate that left the ledger's
+    cache, another instance's id), the unique keys refuse the whole COPY,
+    the transaction is rolled back and this returns False; the caller then
+    writes the batch with :func:`insert_alone`, which sorts that out row by
+    row. Rows go in dispatch_id order, as there, so instances inserting the
+    same ids wait for each other in one order. Other errors propagate (the
+    caller rolls back).
+    """
+    conn = cur.connection
+    entries = sorted(batch.entries, key=lambda e: (e.cost.dispatch_id, e.day))
+    cur.execute(begin)
+    try:
+        with cur.copy(_COPY) as copy:
+            for e in entries:
+                c = e.cost
+                copy.write_row(
+                    (
+                        instance,
+                        e.seq,
+                        e.day,
+                        e.at,
+                        c.dispatch_id,
+                        c.usd,
+                        c.model,
+                        c.input_tokens,
+                        c.output_tokens,
+                        c.agent,
+                    )
+                )
+    except psycopg.errors.UniqueViolation:
+        cur.execute("ROLLBACK")
+        return False
+    with conn.pipeline():
+        add_to_share(cur, batch.sums(entries), instance)
+        cur.execute(_SETTLE, ([e.day for e in entries], [e.cost.dispatch_id for e in entries]))
+        cur.execute("COMMIT")
+    return True
 
 
 def holders(

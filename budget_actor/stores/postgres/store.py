@@ -203,23 +203,32 @@ class PostgresStore(Store):
         now: datetime,
     ) -> WriteResult:
         """As :meth:`Store.write`. A batch of journal entries alone (the
-        usual group commit) goes in one round trip (see
-        :func:`.journal.insert_alone`); the rows it refused are looked up
-        after the commit, when their holders are committed too."""
+        usual group commit) goes in a transaction of its own, through COPY
+        when no row is refused (:func:`.journal.insert_copied`), otherwise
+        in one round trip row by row (:func:`.journal.insert_alone`); the
+        rows refused are looked up after the commit, when their holders are
+        committed too."""
         if patches or nudges:
             return super().write(entries, patches, nudges, now)
         batch = entries if isinstance(entries, JournalBatch) else JournalBatch.of(entries)
         result = WriteResult()
         if not batch.count:
             return result
-        missing: set[int] = self._run(
-            lambda cur: journal.insert_alone(cur, batch, self.instance, self._BEGIN),
-            framed=False,
-        )
+        missing: set[int] = self._run(lambda cur: self._insert_alone(cur, batch), framed=False)
         if missing:
             refused, holders = self._run(lambda cur: journal.holders(cur, batch, missing))
             self._duplicates(refused, holders, result)
         return result
+
+    def _insert_alone(self, cur: Any, batch: JournalBatch) -> set[int]:
+        """Write the batch in a transaction of its own: through COPY, or where
+        a row is refused, row by row (see :func:`.journal.insert_copied`);
+        the seqs of the rows refused."""
+        if self.instance is not None and journal.insert_copied(
+            cur, batch, self.instance, self._BEGIN
+        ):
+            return set()
+        return journal.insert_alone(cur, batch, self.instance, self._BEGIN)
 
     def _insert_journal(
         self, cur: Any, batch: JournalBatch, result: WriteResult, stamp: Any
