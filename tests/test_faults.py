@@ -35,6 +35,8 @@ import trio
 from budget_actor import Budget, CostUnavailable, StoreError, make_config, open_budget
 from budget_actor.core.cost import Cost, make_cost
 from budget_actor.core.records import JournalEntry
+from budget_actor.runtime.storecall import call_store
+from budget_actor.stores.open import open_store
 from budget_actor.stores.spill import SpillFile
 from budget_actor.stores.sqlite import SqliteStore
 
@@ -544,6 +546,53 @@ async def test_a_database_that_accepts_but_never_answers_costs_spill_and_drain(
     _check_exactly_once(pg_url, acked)
     share = rows(pg_url, "SELECT sum(spend) FROM budget_shares")
     assert share == [(sum(acked.values()),)]
+
+
+async def test_history_and_the_childrens_store_calls_give_up_on_a_silent_database(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The children with connections of their own (history, alert webhooks)
+    call the store through ``call_store``, with the configured deadline: a
+    silent database fails their call within ``store_timeout_s`` instead of
+    holding it (and a /history request, or the webhook sender) for good, and
+    the next call after it answers again works."""
+    config = make_config(daily_cap="1000", store_timeout_s=1)
+    proxy = CuttableProxy(*target_of(pg_url))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        url = proxy.url_for(pg_url)
+        webhook_store = open_store(url).companion()
+        limiter = trio.CapacityLimiter(1)
+        day = datetime.now(UTC).date().isoformat()
+        async with open_budget(config, database=url, spill=tmp_path / "h.spill") as budget:
+            await budget.record("h-1", "1")
+            await call_store(
+                webhook_store, webhook_store.others, day, limiter=limiter, timeout_s=1
+            )
+            assert (await budget.history(3)).days[-1].daily_spend == Decimal(1)
+            proxy.stall()
+            with trio.fail_after(PATIENCE_S):
+                with pytest.raises(StoreError, match="no answer within 1s"):
+                    await budget.history(3)
+                with pytest.raises(StoreError, match="no answer within 1s"):
+                    await call_store(
+                        webhook_store, webhook_store.others, day, limiter=limiter, timeout_s=1
+                    )
+            proxy.resume()
+
+            async def readable() -> bool:
+                try:
+                    history = await budget.history(3)
+                    await call_store(
+                        webhook_store, webhook_store.others, day, limiter=limiter, timeout_s=5
+                    )
+                except StoreError:
+                    return False
+                return history.days[-1].daily_spend == Decimal(1)
+
+            await eventually(readable, timeout=PATIENCE_S)
+        webhook_store.close()
+        nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,9 @@ day's minutes in the database each time instead).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
+from typing import TypeVar
 
 import trio
 
@@ -27,11 +29,14 @@ from ..core.history import (
 )
 from ..core.views import Health
 from ..stores.store import Store
+from .storecall import call_store
 
 # Past days are final but for a spill file drained late (an instance that
 # restarts after an outage across midnight): a few minutes of staleness is
 # the price of not re-reading up to a year of journal on every page load.
 PAST_CACHE_S = 300.0
+
+T = TypeVar("T")
 
 
 class HistoryReader:
@@ -48,7 +53,9 @@ class HistoryReader:
         live from the actor, are today's entry) and today's curve.
 
         Raises :class:`~budget_actor.stores.store.StoreError` when the store
-        cannot be read; cancellation waits for a query in progress.
+        cannot be read, or has not answered within the configured
+        ``store_timeout_s`` (see :mod:`.storecall`); cancellation abandons a
+        query in progress.
         """
         today = health.day
         wanted = last_days(today, days)
@@ -59,9 +66,7 @@ class HistoryReader:
             if day not in self._past or now - self._past[day][0] > PAST_CACHE_S
         ]
         if stale:
-            totals = await trio.to_thread.run_sync(
-                self.store.day_totals, stale[0], stale[-1], limiter=self._limiter
-            )
+            totals = await self._call(self.store.day_totals, stale[0], stale[-1])
             for day in stale:
                 self._past[day] = (now, totals.get(day))
         keep = set(last_days(today, MAX_DAYS))
@@ -71,7 +76,7 @@ class HistoryReader:
         curve = self._curve
         if curve is None or curve.day != today:
             curve = self._curve = Curve(today)
-        await trio.to_thread.run_sync(self.store.fold_curve, curve, limiter=self._limiter)
+        await self._call(self.store.fold_curve, curve)
 
         cap = self.config.daily_cap
         history = []
@@ -102,6 +107,15 @@ class HistoryReader:
             days=history,
             today=curve.points(),
             today_start=day_start(today, self.config.zone),
+        )
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        return await call_store(
+            self.store,
+            fn,
+            *args,
+            limiter=self._limiter,
+            timeout_s=self.config.store_timeout_s,
         )
 
     def close(self) -> None:

@@ -511,6 +511,7 @@ async def open_budget(
                         clock=clock,
                         stats=stats.webhooks,
                         policy=webhook_policy,
+                        store_timeout_s=config.store_timeout_s,
                     )
                     nursery.start_soon(deliver_webhooks, sender)
                 try:

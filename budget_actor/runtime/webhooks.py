@@ -46,6 +46,7 @@ from ..core.webhook import (
 )
 from ..stores.store import Store, StoreError
 from .stats import WebhookStats
+from .storecall import call_store
 
 log = logging.getLogger("budget_actor.webhooks")
 
@@ -163,8 +164,13 @@ class WebhookSender:
         stats: WebhookStats,
         policy: WebhookPolicy | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        store_timeout_s: float = 5.0,
     ) -> None:
         self.store = store
+        # A store call that has not answered within this time fails (see
+        # storecall), so a database that never answers stalls deliveries
+        # for one poll, not for good.
+        self.store_timeout_s = store_timeout_s
         self.owner = owner
         self.stats = stats
         self.policy = policy or WebhookPolicy()
@@ -308,4 +314,6 @@ class WebhookSender:
             )
 
     async def _db(self, call: Callable[..., T], *args: object) -> T:
-        return await trio.to_thread.run_sync(call, *args, limiter=self._limiter)
+        return await call_store(
+            self.store, call, *args, limiter=self._limiter, timeout_s=self.store_timeout_s
+        )
