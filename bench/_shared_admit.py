@@ -64,6 +64,7 @@ async def _run(url: str) -> tuple[int, int, Decimal, Decimal]:
 
 
 def shared_admit() -> list[Row]:
+    """Global admissions/s: 50 admitters on 3 instances sharing one PostgreSQL budget."""
     try:
         with pg_schema() as url:
             rate, costs, reserved, spend = trio.run(_run, url)

@@ -566,9 +566,7 @@ async def test_history_and_the_childrens_store_calls_give_up_on_a_silent_databas
         day = datetime.now(UTC).date().isoformat()
         async with open_budget(config, database=url, spill=tmp_path / "h.spill") as budget:
             await budget.record("h-1", "1")
-            await call_store(
-                webhook_store, webhook_store.others, day, limiter=limiter, timeout_s=1
-            )
+            await call_store(webhook_store, webhook_store.others, day, limiter=limiter, timeout_s=1)
             assert (await budget.history(3)).days[-1].daily_spend == Decimal(1)
             proxy.stall()
             with trio.fail_after(PATIENCE_S):

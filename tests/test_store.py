@@ -14,6 +14,7 @@ from budget_actor import StoreError, open_store
 from budget_actor.core.cost import Cost
 from budget_actor.core.records import Alert, JournalEntry, Snapshot
 from budget_actor.stores.postgres import PostgresStore
+from budget_actor.stores.postgres.store import COPY_MIN_ROWS, COPY_PAUSE_BATCHES
 from budget_actor.stores.store import Store
 
 T0 = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
@@ -300,6 +301,41 @@ def test_a_retried_batch_is_neither_a_duplicate_nor_counted_twice(
     a.write(batch, [], [], T0)
     assert a.write(batch, [], [], T0).duplicates == {}
     assert _share(pg_url, "a") == (Decimal("3"), 2)
+
+
+def test_large_batches_go_through_copy_and_a_held_id_falls_back_row_by_row(
+    pg_url: str, pair: tuple[PostgresStore, PostgresStore]
+) -> None:
+    """Batches of COPY_MIN_ROWS or more rows go in through COPY: same rows,
+    same share, reservations settled. One whose COPY meets an id held by
+    another instance is redone row by row (that id reported, the rest
+    counted), and the next batches skip COPY for a while."""
+    a, b = pair
+    n = COPY_MIN_ROWS
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO budget_reservations (day, dispatch_id, instance, estimate, expires_at)"
+            " VALUES (%s, 'big-7', 'b', 1, now() + interval '1 hour')",
+            (DAY,),
+        )
+    big = [_entry(i, f"big-{i}", "0.25") for i in range(1, n + 1)]
+    assert b.write(big, [], [], T0).duplicates == {}
+    assert b._copy_paused == 0  # COPY took it whole
+    assert _share(pg_url, "b") == (Decimal("0.25") * n, n)
+    assert _rows(pg_url, "SELECT count(*) FROM budget_reservations") == [(0,)]
+    assert a.write([_entry(500, "held", "3")], [], [], T0).duplicates == {}
+    mixed = [_entry(1000 + i, f"new-{i}", "1") for i in range(n - 1)]
+    mixed.insert(n // 2, _entry(2000, "held", "5"))
+    assert b.write(mixed, [], [], T0).duplicates == {2000: (500, DAY)}
+    assert b._copy_paused == COPY_PAUSE_BATCHES
+    assert _share(pg_url, "b") == (Decimal("0.25") * n + (n - 1), 2 * n - 1)
+    after = [_entry(3000 + i, f"after-{i}", "1") for i in range(n)]
+    assert b.write(after, [], [], T0).duplicates == {}
+    assert b._copy_paused == COPY_PAUSE_BATCHES - 1  # row by row, counting down
+    assert _share(pg_url, "b") == (Decimal("0.25") * n + (2 * n - 1), 3 * n - 1)
+    rows = {e.cost.dispatch_id: e for e in b.journal(DAY)}
+    assert rows["big-7"].cost == Cost("big-7", Decimal("0.25"), model="m", agent="a")
+    assert "held" in rows and rows["held"].seq == 500  # a's row, not b's
 
 
 def test_both_instances_may_use_the_same_seq(pair: tuple[PostgresStore, PostgresStore]) -> None:

@@ -160,8 +160,9 @@ class Budget:
 
         All or nothing: every item is checked first, and an empty batch, one
         of more than :data:`~budget_actor.core.wire.MAX_BATCH_ITEMS` items, an
-        unknown field or a bad value raises :class:`InvalidCost` (naming the
-        item, ``costs[i].field``) with nothing counted. A ``dispatch_id``
+        unknown field or a bad value raises :class:`InvalidCost` (code
+        ``invalid_cost``, its message naming the item: ``costs[3]: ...``)
+        with nothing counted. A ``dispatch_id``
         counted before, or earlier in the same batch, is a duplicate, as with
         :meth:`record`. :class:`CostUnavailable`: the batch could not all be
         made durable (store and spill file failing); what was not durable was
@@ -357,28 +358,30 @@ _MISSING = object()
 
 def _checked_batch(costs: Sequence[Mapping[str, object]], max_cost: Decimal) -> list[Cost]:
     """The validated costs of a :meth:`Budget.record_many` batch, or
-    :class:`InvalidCost` naming the first bad item (pure: nothing changes)."""
+    :class:`InvalidCost` naming the first bad item (pure: nothing changes).
+    Every refusal has the code ``invalid_cost``, as a refused ``costs``
+    frame does."""
     if isinstance(costs, (str, bytes, Mapping)) or not isinstance(costs, Sequence):
-        raise InvalidCost("costs must be a sequence of mappings", "invalid_message")
+        raise InvalidCost("costs must be a sequence of mappings", "invalid_cost")
     if not 1 <= len(costs) <= MAX_BATCH_ITEMS:
         raise InvalidCost(
             f"costs must hold 1 to {MAX_BATCH_ITEMS:,} items, not {len(costs):,}",
-            "invalid_message",
+            "invalid_cost",
         )
     checked = []
     for index, item in enumerate(costs):
         if not isinstance(item, Mapping):
             raise InvalidCost(
-                f"costs[{index}] must be a mapping of a cost's fields", "invalid_message"
+                f"costs[{index}] must be a mapping of a cost's fields", "invalid_cost"
             )
         if not item.keys() <= _COST_FIELDS:
-            unknown = sorted(str(k) for k in item if k not in _COST_FIELDS)[0]
-            raise InvalidCost(f"costs[{index}]: unknown field {unknown!r}", "invalid_message")
+            unknown = min(repr(k) for k in item if k not in _COST_FIELDS)
+            raise InvalidCost(f"costs[{index}]: unknown field {unknown}", "invalid_cost")
         get = item.get
         dispatch_id, usd = get("dispatch_id", _MISSING), get("usd", _MISSING)
         if dispatch_id is _MISSING or usd is _MISSING:
             missing = "dispatch_id" if dispatch_id is _MISSING else "usd"
-            raise InvalidCost(f"costs[{index}].{missing} is missing", "invalid_message")
+            raise InvalidCost(f"costs[{index}].{missing} is missing", "invalid_cost")
         try:
             cost = make_cost(
                 dispatch_id,

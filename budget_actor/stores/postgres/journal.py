@@ -24,7 +24,9 @@ from ..store import Holder, JournalBatch
 # the rows it did not insert. Rows go in dispatch_id order: two instances
 # inserting the same ids (on any days) then wait for each other in one
 # order, never in a cycle (a deadlock), since rows can only collide on the
-# same dispatch_id.
+# same dispatch_id. COLLATE "C": byte order, which for UTF-8 is the code
+# point order Python sorts by (insert_copied), whatever the database's own
+# collation.
 JOURNAL_INSERT = """
 WITH r AS (
     SELECT r.seq, r.day, r.at, c.* FROM jsonb_to_recordset(%(rows)s::jsonb)
@@ -35,7 +37,7 @@ WITH r AS (
     INSERT INTO budget_journal (instance, seq, day, recorded_at, dispatch_id, usd, model,
         input_tokens, output_tokens, agent)
     SELECT %(instance)s, seq, day, at, dispatch_id, usd, model, input_tokens,
-        output_tokens, agent FROM r ORDER BY dispatch_id, day
+        output_tokens, agent FROM r ORDER BY dispatch_id COLLATE "C", day
     ON CONFLICT DO NOTHING
     RETURNING seq, day, dispatch_id, usd
 ), share AS (
