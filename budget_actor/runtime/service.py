@@ -156,7 +156,7 @@ class Budget:
         required; ``model``, ``agent``, ``input_tokens``, ``output_tokens``
         optional). One message, one wait and one barrier per batch instead of
         per cost: for a caller with many costs at hand, durable ingest goes
-        several times faster (see ``docs/performance.md``).
+        1.7 to 3.5 times as fast in the benchmark (``docs/performance.md``).
 
         All or nothing: every item is checked first, and an empty batch, one
         of more than :data:`~budget_actor.core.wire.MAX_BATCH_ITEMS` items, an
