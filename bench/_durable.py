@@ -9,7 +9,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -98,7 +98,7 @@ def _counting(store: Store) -> list[int]:
     count = [0]
     write = store.write
 
-    def counted(*args: Any) -> set[str]:
+    def counted(*args: Any) -> WriteResult:
         count[0] += 1
         return write(*args)
 
@@ -106,109 +106,111 @@ def _counting(store: Store) -> list[int]:
     return count
 
 
-async def _record_rounds(
-    url: str, spill: Path, rounds: int, round_s: float, warmup_s: float
-) -> StoreRounds:
+Call = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Load:
+    """A closed-loop load on one open_budget(): ``senders`` tasks each
+    awaiting ``make(budget)(unique_id)`` back to back, every call worth
+    ``costs`` costs; a warm-up, then ``rounds`` measured rounds."""
+
+    make: Callable[[budget_actor.Budget], Call]
+    senders: int
+    costs: int
+    rounds: int
+    round_s: float
+    warmup_s: float
+    prefix: str
+    # Replace the store's write with a no-op once the service has restored.
+    write_nothing: bool = False
+
+
+async def _rounds(url: str, spill: Path, load_of: _Load) -> StoreRounds:
     store = open_store(url)
     commits = _counting(store)
     result = StoreRounds([], [])
     async with budget_actor.open_budget(database=store, spill=spill) as budget:
-
-        async def record(dispatch_id: str) -> None:
-            receipt = await budget.record(dispatch_id, USD)
-            if receipt.duplicate or receipt.seq <= 0:
-                raise RuntimeError(f"unexpected receipt {receipt}")
-
-        if warmup_s > 0:
-            await closed_loop(record, SENDERS, warmup_s, "warm")
-        for round_no in range(rounds):
+        if load_of.write_nothing:
+            setattr(store, "write", _write_nothing)  # noqa: B010 - after restore, on purpose
+        call = load_of.make(budget)
+        if load_of.warmup_s > 0:
+            await closed_loop(call, load_of.senders, load_of.warmup_s, f"{load_of.prefix}w")
+        for round_no in range(load_of.rounds):
             gc.collect()
             before = commits[0]
-            load = await closed_loop(record, SENDERS, round_s, f"r{round_no}")
+            load = await closed_loop(
+                call, load_of.senders, load_of.round_s, f"{load_of.prefix}{round_no}"
+            )
             result.loads.append(load)
             result.commits.append(commits[0] - before)
         health = await budget.health()
-    expected = sum(load.calls for load in result.loads)
+    expected = sum(load.calls for load in result.loads) * load_of.costs
     if health.dispatches < expected:
         raise RuntimeError(f"{health.dispatches} dispatches counted, {expected} acknowledged")
     return result
+
+
+def _write_nothing(*args: Any) -> WriteResult:
+    return WriteResult()
+
+
+def _measure(store_kind: str, tmp: Path, load: _Load) -> StoreRounds:
+    spill = tmp / f"{store_kind}-{load.prefix}.spill"
+    if store_kind == "sqlite":
+        return trio.run(_rounds, f"sqlite:///{tmp / f'{load.prefix}.db'}", spill, load)
+    with pg_schema() as url:
+        return trio.run(_rounds, url, spill, load)
+
+
+def _record(budget: budget_actor.Budget) -> Call:
+    async def record(dispatch_id: str) -> None:
+        receipt = await budget.record(dispatch_id, USD)
+        if receipt.duplicate or receipt.seq <= 0:
+            raise RuntimeError(f"unexpected receipt {receipt}")
+
+    return record
+
+
+def _record_many(budget: budget_actor.Budget) -> Call:
+    async def record_many(batch_id: str) -> None:
+        costs = [{"dispatch_id": f"{batch_id}-{k:03d}", "usd": USD} for k in range(BATCH_ITEMS)]
+        receipts = await budget.record_many(costs)
+        if any(r.duplicate for r in receipts):
+            raise RuntimeError("unexpected duplicate")
+
+    return record_many
 
 
 def _measure_record(
     store_kind: str, tmp: Path, rounds: int, round_s: float, warmup_s: float
 ) -> StoreRounds:
-    spill = tmp / f"{store_kind}.spill"
-    if store_kind == "sqlite":
-        url = f"sqlite:///{tmp / 'durable.db'}"
-        return trio.run(_record_rounds, url, spill, rounds, round_s, warmup_s)
-    with pg_schema() as url:
-        return trio.run(_record_rounds, url, spill, rounds, round_s, warmup_s)
-
-
-async def _batch_rounds(url: str, spill: Path) -> StoreRounds:
-    """BATCH_ROUNDS rounds of BATCH_TASKS tasks each awaiting
-    ``record_many`` of BATCH_ITEMS costs back to back; a round's calls are
-    batches."""
-    store = open_store(url)
-    commits = _counting(store)
-    result = StoreRounds([], [])
-    async with budget_actor.open_budget(database=store, spill=spill) as budget:
-
-        async def record_many(batch_id: str) -> None:
-            costs = [{"dispatch_id": f"{batch_id}-{k:03d}", "usd": USD} for k in range(BATCH_ITEMS)]
-            receipts = await budget.record_many(costs)
-            if any(r.duplicate for r in receipts):
-                raise RuntimeError("unexpected duplicate")
-
-        await closed_loop(record_many, BATCH_TASKS, DURABLE_WARMUP_S, "mw")
-        for round_no in range(BATCH_ROUNDS):
-            gc.collect()
-            before = commits[0]
-            load = await closed_loop(record_many, BATCH_TASKS, BATCH_ROUND_S, f"m{round_no}")
-            result.loads.append(load)
-            result.commits.append(commits[0] - before)
-        health = await budget.health()
-    expected = sum(load.calls for load in result.loads) * BATCH_ITEMS
-    if health.dispatches < expected:
-        raise RuntimeError(f"{health.dispatches} dispatches counted, {expected} acknowledged")
-    return result
+    load = _Load(_record, SENDERS, 1, rounds, round_s, warmup_s, "r")
+    return _measure(store_kind, tmp, load)
 
 
 def _measure_batches(store_kind: str, tmp: Path) -> StoreRounds:
-    spill = tmp / f"{store_kind}-batch.spill"
-    if store_kind == "sqlite":
-        return trio.run(_batch_rounds, f"sqlite:///{tmp / 'batch.db'}", spill)
-    with pg_schema() as url:
-        return trio.run(_batch_rounds, url, spill)
-
-
-async def _ceiling_round(url: str, spill: Path) -> float:
-    """record() from SENDERS tasks against ``url``'s store with its write
-    replaced by one that does nothing (still called in the worker thread,
-    as every write is): costs/s of one round."""
-    store = open_store(url)
-
-    def write_nothing(*args: Any) -> WriteResult:
-        return WriteResult()
-
-    async with budget_actor.open_budget(database=store, spill=spill) as budget:
-        setattr(store, "write", write_nothing)  # noqa: B010 - after restore, on purpose
-
-        async def record(dispatch_id: str) -> None:
-            await budget.record(dispatch_id, USD)
-
-        await closed_loop(record, SENDERS, DURABLE_WARMUP_S, "cw")
-        gc.collect()
-        load = await closed_loop(record, SENDERS, CEILING_ROUND_S, "c")
-    return load.rate
+    """BATCH_ROUNDS rounds of BATCH_TASKS tasks each awaiting
+    ``record_many`` of BATCH_ITEMS costs back to back; a round's calls are
+    batches."""
+    load = _Load(
+        _record_many,
+        BATCH_TASKS,
+        BATCH_ITEMS,
+        BATCH_ROUNDS,
+        BATCH_ROUND_S,
+        DURABLE_WARMUP_S,
+        "m",
+    )
+    return _measure(store_kind, tmp, load)
 
 
 def _measure_ceiling(store_kind: str, tmp: Path) -> float:
-    spill = tmp / f"{store_kind}-ceiling.spill"
-    if store_kind == "sqlite":
-        return trio.run(_ceiling_round, f"sqlite:///{tmp / 'ceiling.db'}", spill)
-    with pg_schema() as url:
-        return trio.run(_ceiling_round, url, spill)
+    """record() from SENDERS tasks against the store with its write replaced
+    by one that does nothing (still called in the worker thread, as every
+    write is): costs/s of one round."""
+    load = _Load(_record, SENDERS, 1, 1, CEILING_ROUND_S, DURABLE_WARMUP_S, "c", True)
+    return _measure(store_kind, tmp, load).rates[0]
 
 
 def _latency_rows(

@@ -133,18 +133,7 @@ class Budget:
             max_cost=self.config.max_cost,
         )
         receipt = await self.submit(cost)
-        await receipt.durable.wait()
-        if receipt.unavailable:
-            raise CostUnavailable(
-                f"cost {dispatch_id!r} could not be made durable now (the store and the"
-                " spill file are failing); it was not counted: resend it later with the"
-                " same dispatch_id"
-            )
-        if receipt.failed:
-            raise ServiceStopped(
-                "the budget service stopped before this cost was durable;"
-                " resend it with the same dispatch_id"
-            )
+        await _durable(receipt, f"cost {dispatch_id!r}", "it was not counted")
         return Receipt(dispatch_id, receipt.seq, receipt.duplicate)
 
     async def record_many(self, costs: Sequence[Mapping[str, object]]) -> list[Receipt]:
@@ -173,18 +162,11 @@ class Budget:
         """
         checked = _checked_batch(costs, self.config.max_cost)
         receipt = await self.submit_many(checked)
-        await receipt.durable.wait()
-        if receipt.unavailable:
-            raise CostUnavailable(
-                f"the batch of {len(checked)} costs from {checked[0].dispatch_id!r} could"
-                " not all be made durable now (the store and the spill file are failing);"
-                " what was not durable was not counted: resend the batch later"
-            )
-        if receipt.failed:
-            raise ServiceStopped(
-                "the budget service stopped before this batch was durable;"
-                " resend it with the same dispatch_ids"
-            )
+        await _durable(
+            receipt,
+            f"the batch of {len(checked)} costs from {checked[0].dispatch_id!r}",
+            "what was not durable was not counted",
+        )
         return [
             Receipt(cost.dispatch_id, seq, duplicate)
             for cost, seq, duplicate in zip(checked, receipt.seqs, receipt.duplicates, strict=True)
@@ -349,6 +331,22 @@ class Budget:
             await self._outbox.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ServiceStopped("the budget service has stopped") from None
+
+
+async def _durable(receipt: CostReceipt, what: str, counted: str) -> None:
+    """Wait until ``receipt`` is durable; :class:`CostUnavailable` or
+    :class:`ServiceStopped` (naming ``what``) if it never will be."""
+    await receipt.durable.wait()
+    if receipt.unavailable:
+        raise CostUnavailable(
+            f"{what} could not be made durable now (the store and the spill file are"
+            f" failing); {counted}: resend it later with the same dispatch_id"
+        )
+    if receipt.failed:
+        raise ServiceStopped(
+            f"the budget service stopped before {what} was durable;"
+            " resend it with the same dispatch_id"
+        )
 
 
 # The fields a record_many item may carry: those of record().
