@@ -431,6 +431,37 @@ def test_costs_the_service_refuses_are_found_and_reported_never_dropped(
     assert len(kept) == 3 and all('"r-17"' in k or '"r-250"' in k or "r-big" in k for k in kept)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_costs_waiting_to_be_sent_when_a_connection_ends_are_sent_on_the_next(
+    backend: str, launcher: Launcher, sqlite_url: str
+) -> None:
+    """A connection that ends while the sender waits for its lock (another
+    frame going out) must not take the waiting costs with it: they go on the
+    next connection and flush() returns. (The sender once took them off the
+    queue before the lock, and lost them when the wait was cancelled.)"""
+    svc = start(launcher, sqlite_url)
+
+    async def main() -> Health:
+        async with BudgetClient(svc.ws_url) as client:
+            await client.record("w-0", "0.5")
+            session = client._session
+            assert session is not None
+            # Lost costs would leave these enqueues waiting for their acks.
+            with anyio.fail_after(20):
+                async with session.lock:  # as a health frame being written would
+                    async with anyio.create_task_group() as group:
+                        for i in range(1, 4):
+                            group.start_soon(client.enqueue, f"w-{i}", "0.25")
+                        await anyio.sleep(0.2)  # the sender waits for the lock
+                        assert client.pending == 3
+                        session.end("ended by the test")
+                await client.flush()
+            return await client.health()
+
+    health = run(backend, main)
+    assert health.dispatches == 4 and health.daily_spend == Decimal("1.25")
+
+
 # -- reconnects, subscriptions, TLS --------------------------------------------------
 
 

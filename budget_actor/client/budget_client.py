@@ -685,25 +685,31 @@ class BudgetClient:
         if self._live_subscriptions():
             await self._send_subscribe(session)
         while True:
-            batch = self._next_batch(session)
-            if batch is None:
-                wake = self._sender_wake = anyio.Event()
-                if session.subscribed or not self._live_subscriptions():
-                    await wake.wait()
-                else:
-                    await self._send_subscribe(session)
-                continue
-            frame = costs_frame([item.body for item in batch.items]).decode()
+            # Made before looking, so that a wake-up while sending is not lost.
+            wake = self._sender_wake = anyio.Event()
+            # The batch is taken from the queue only once the lock is held,
+            # and is in flight before the next checkpoint: taking the lock
+            # can be cancelled (the session ending), and costs taken before
+            # it would then be in neither the queue nor in flight, so never
+            # resent (and flush() would wait for them for good).
             async with session.lock:
-                batch.expect = _Expect(next(session.frames), "costs", batch=batch)
-                session.expect.append(batch.expect)
-                session.inflight.append(batch)
-                session.inflight_items += len(batch.items)
-                await session.ws.send(frame)
-                if session.probing is batch:
-                    key = f"p{next(self._ids)}"
-                    session.expect.append(_Expect(next(session.frames), "probe", key))
-                    await session.ws.send(f'{{"type":"health","id":"{key}"}}')
+                batch = self._next_batch(session)
+                if batch is not None:
+                    frame = costs_frame([item.body for item in batch.items]).decode()
+                    batch.expect = _Expect(next(session.frames), "costs", batch=batch)
+                    session.expect.append(batch.expect)
+                    session.inflight.append(batch)
+                    session.inflight_items += len(batch.items)
+                    await session.ws.send(frame)
+                    if session.probing is batch:
+                        key = f"p{next(self._ids)}"
+                        session.expect.append(_Expect(next(session.frames), "probe", key))
+                        await session.ws.send(f'{{"type":"health","id":"{key}"}}')
+                    continue
+            if session.subscribed or not self._live_subscriptions():
+                await wake.wait()
+            else:
+                await self._send_subscribe(session)
 
     def _next_batch(self, session: _Session) -> _Batch | None:
         if not self._unsent or self._forbidden is not None:
