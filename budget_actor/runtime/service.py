@@ -151,14 +151,14 @@ class Budget:
         of more than :data:`~budget_actor.core.wire.MAX_BATCH_ITEMS` items, an
         unknown field or a bad value raises :class:`InvalidCost` (code
         ``invalid_cost``, its message naming the item: ``costs[3]: ...``)
-        with nothing counted. A ``dispatch_id``
-        counted before, or earlier in the same batch, is a duplicate, as with
-        :meth:`record`. :class:`CostUnavailable`: the batch could not all be
-        made durable (store and spill file failing); what was not durable was
-        not counted, and resending the whole batch is safe (what did count
-        comes back as duplicates). :class:`ServiceStopped` after shutdown, or
-        if the service ended before the batch was durable: resend it.
-        Cancelling the wait does not un-count the batch.
+        with nothing counted. A ``dispatch_id`` counted before, or earlier in
+        the same batch, is a duplicate, as with :meth:`record`.
+        :class:`CostUnavailable`: the batch could not all be made durable
+        (store and spill file failing); what was not durable was not counted,
+        and resending the whole batch is safe (what did count comes back as
+        duplicates). :class:`ServiceStopped` after shutdown, or if the
+        service ended before the batch was durable: resend it. Cancelling
+        the wait does not un-count the batch.
         """
         checked = _checked_batch(costs, self.config.max_cost)
         receipt = await self.submit_many(checked)
