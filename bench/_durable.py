@@ -421,7 +421,8 @@ def _batch_rows(store_kind: str, data: StoreRounds, bulk: float) -> list[Row]:
                 f"median of {BATCH_ROUNDS} rounds of {BATCH_ROUND_S:.0f} s (after a warm-up) "
                 f"in one open_budget(); {BATCH_TASKS} tasks each await "
                 f"budget.record_many() of {BATCH_ITEMS} costs back to back (ids ascending "
-                "within a task), so a cost counts once its batch is durable. Mean group "
+                "within a batch, and from batch to batch within a task), so a cost counts "
+                "once its batch is durable. Mean group "
                 f"commit {', '.join(f'{b:,.0f}' for b in per_batch)} costs."
             ),
         ),
