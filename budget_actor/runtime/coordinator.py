@@ -41,6 +41,7 @@ from ..core.views import Admission
 from ..stores.store import SharedBudget, StoreError
 from .messages import Admit, Message, Synced
 from .resumable import ResumableQueue
+from .storecall import StoreTimeout, call_store
 
 T = TypeVar("T")
 
@@ -83,25 +84,25 @@ class Coordinator:
                 self.store.close()
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` in the coordinator's thread. Raises :class:`StoreError`,
-        also when the store has not answered within ``store_timeout_s`` (a
-        server that accepts and never answers): the thread is then abandoned
-        and the store interrupted, so that an ``admit`` is refused within
+        """``fn(*args)`` in the coordinator's thread (see
+        :func:`.storecall.call_store`). Raises :class:`StoreError`, also when
+        the store has not answered within ``store_timeout_s`` (a server that
+        accepts and never answers), so that an ``admit`` is refused within
         seconds instead of waiting."""
-        self._abandoned = True
+        self._abandoned = True  # until the thread is known to have finished
         try:
-            with trio.move_on_after(self.config.store_timeout_s) as timer:
-                result = await trio.to_thread.run_sync(
-                    fn, *args, limiter=self.limiter, abandon_on_cancel=True
-                )
-        except trio.Cancelled:
+            result = await call_store(
+                self.store,
+                fn,
+                *args,
+                limiter=self.limiter,
+                timeout_s=self.config.store_timeout_s,
+            )
+        except (trio.Cancelled, StoreTimeout):
             raise  # the thread may still run: leave the connection to it
         except BaseException:
             self._abandoned = False  # the thread has finished, with an error
             raise
-        if timer.cancelled_caught:
-            self.store.interrupt()  # the thread runs on until this fails it
-            raise StoreError(f"postgresql: no answer within {self.config.store_timeout_s:g}s")
         self._abandoned = False
         return result
 

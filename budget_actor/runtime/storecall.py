@@ -1,5 +1,6 @@
 """A store call from trio with a deadline: for the children that read or
-write on a connection of their own (history, alert webhooks).
+write on a connection of their own (the coordinator, history, alert
+webhooks).
 
 The store's API is synchronous (psycopg's async API is asyncio-only), so the
 call runs in a worker thread under the caller's ``CapacityLimiter``. A
@@ -13,17 +14,31 @@ raised, the same error as for a refused connection.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
-from ..stores.store import Store, StoreError
+from ..stores.store import StoreError
 
 T = TypeVar("T")
 
 
+class Interruptible(Protocol):
+    """What a deadline needs of a store: its name, and a way to make the
+    call it abandons fail (:meth:`Store.interrupt`)."""
+
+    kind: str
+
+    def interrupt(self) -> None: ...
+
+
+class StoreTimeout(StoreError):
+    """The store did not answer in time; the call's thread may still be
+    running on the connection (until the interrupt fails it)."""
+
+
 async def call_store(
-    store: Store,
+    store: Interruptible,
     fn: Callable[..., T],
     *args: object,
     limiter: trio.CapacityLimiter,
@@ -31,13 +46,14 @@ async def call_store(
 ) -> T:
     """``fn(*args)`` in a worker thread under ``limiter``.
 
-    Raises what ``fn`` raises, and :class:`StoreError` when it has not
-    answered within ``timeout_s``. An abandoned thread keeps ``limiter``
-    until it ends, so the next call on the same connection waits for the
-    interrupted one to fail, never runs beside it. Cancellation abandons
-    the thread the same way, without interrupting the store.
+    Raises what ``fn`` raises, and :class:`StoreTimeout` (a
+    :class:`StoreError`) when it has not answered within ``timeout_s``. An
+    abandoned thread keeps ``limiter`` until it ends, so the next call on
+    the same connection waits for the interrupted one to fail, never runs
+    beside it. Cancellation abandons the thread the same way, without
+    interrupting the store.
     """
     with trio.move_on_after(timeout_s):
         return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
     store.interrupt()
-    raise StoreError(f"{store.kind}: no answer within {timeout_s:g}s")
+    raise StoreTimeout(f"{store.kind}: no answer within {timeout_s:g}s")

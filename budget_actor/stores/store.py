@@ -97,6 +97,8 @@ class SharedBudget(Protocol):
     each raises :class:`StoreError`."""
 
     instance: str | None
+    #: The store's name in messages ("postgresql").
+    kind: str
 
     def others(self, day: str) -> Others:
         """The other instances' durable totals of ``day``."""
