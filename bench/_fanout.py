@@ -13,12 +13,9 @@ subscriber; and the RSS of the service with subscribers.
 
 from __future__ import annotations
 
-import base64
 import gc
 import math
-import os
 import selectors
-import socket
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ from pathlib import Path
 import msgspec
 
 from ._support import Child, cpu_seconds, proc_status_kib, script_command, serve_command
+from .fanout_subscribers import handshake
 from .rows import Row, median, quantile
 
 SUBSCRIBERS = 1_000
@@ -90,26 +88,6 @@ class Round:
         return self.ack_times[-1], max(self.ack_seqs)
 
 
-def _handshake(host: str, port: int) -> socket.socket:
-    """A WebSocket connection on a plain socket: the upgrade, then nothing."""
-    sock = socket.create_connection((host, port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed during the handshake: {head!r}")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101") or not head.endswith(b"\r\n\r\n"):
-        raise ConnectionError(f"unexpected handshake reply: {head[:200]!r}")
-    return sock
-
-
 def _cost_frame(label: str, i: int) -> bytes:
     """A masked client text frame. The mask is all zeros: the payload goes
     as is (RFC 6455 wants unpredictable masks against proxy cache poisoning,
@@ -130,7 +108,7 @@ def _dispatch(host: str, port: int, label: str, seconds: float, service_pid: int
     this machine, and then the figure measures the machine's CPU contention.
     """
     out = Round(label, with_subscribers=False)
-    sock = _handshake(host, port)
+    sock = handshake(host, port)
     sock.setblocking(False)
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)

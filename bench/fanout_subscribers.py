@@ -103,7 +103,9 @@ class Subscriber:
                 raise ConnectionError(f"service closed the connection: {payload!r}")
 
 
-def _connect(host: str, port: int, path: str) -> socket.socket:
+def handshake(host: str, port: int, path: str = "/ws") -> socket.socket:
+    """A WebSocket connection on a plain blocking socket: the upgrade, read
+    exactly to the end of the reply's head (no frame may follow it yet)."""
     sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
@@ -120,6 +122,13 @@ def _connect(host: str, port: int, path: str) -> socket.socket:
     if not head.startswith(b"HTTP/1.1 101"):
         status = head.partition(b"\r\n")[0]
         raise ConnectionError(f"handshake refused: {status!r}")
+    if not head.endswith(b"\r\n\r\n"):
+        raise ConnectionError(f"data after the handshake reply: {head[:200]!r}")
+    return sock
+
+
+def _connect(host: str, port: int, path: str) -> socket.socket:
+    sock = handshake(host, port, path)
     sock.sendall(_client_frame(0x1, b'{"type":"subscribe"}'))
     sock.setblocking(False)
     return sock
