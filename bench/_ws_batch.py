@@ -22,9 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import anyio
-import msgspec
 import trio
-from trio_websocket import open_websocket_url
 
 import budget_actor
 from budget_actor.client import BudgetClient
@@ -36,7 +34,7 @@ from budget_actor.stores.open import open_store
 from budget_actor.stores.store import JournalBatch
 
 from ._support import Child, serve_command
-from ._ws_ingest import _pipeline
+from ._ws_ingest import _pipeline, pipelined
 from .rows import Row, median
 
 BATCH = 100
@@ -63,64 +61,17 @@ CLIENT_TASKS = 2_000
 CLIENT_ROUND_TIMEOUT_S = 120.0
 
 
-class _Acks(msgspec.Struct):
-    type: str
-    acks: list[msgspec.Raw] = []
-
-
-_decode_acks = msgspec.json.Decoder(_Acks).decode
-
-
 async def _batches(url: str, seconds: float, prefix: str) -> tuple[int, float]:
-    """Send ``costs`` frames of BATCH items for ``seconds``, at most
-    BATCH_WINDOW unacknowledged; return (costs acked, seconds from the first
-    send to the last acks)."""
-    async with open_websocket_url(url) as ws:
-        done = trio.Event()
-        room = trio.Event()
-        sent = acked = 0  # in batches
-        all_sent = False
-        costs = 0
-        start = last = time.perf_counter()
+    """``costs`` frames of BATCH items, at most BATCH_WINDOW unacknowledged:
+    (costs acked, seconds from the first send to the last acks)."""
 
-        async def reader() -> None:
-            nonlocal acked, costs, last
-            while True:
-                frame = await ws.get_message()
-                reply = _decode_acks(frame)
-                if reply.type != "acks":
-                    raise RuntimeError(f"expected acks, got {frame!r}")
-                acked += 1
-                costs += len(reply.acks)
-                last = time.perf_counter()
-                if sent - acked < BATCH_WINDOW:
-                    room.set()
-                if all_sent and acked == sent:
-                    done.set()
+    def batch(n: int) -> str:
+        items = ",".join(
+            f'{{"dispatch_id":"{prefix}-{n * BATCH + i:08d}","usd":"{USD}"}}' for i in range(BATCH)
+        )
+        return f'{{"type":"costs","costs":[{items}]}}'
 
-        with trio.fail_after(seconds + 30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(reader)
-                start = time.perf_counter()
-                deadline = start + seconds
-                n = 0
-                while time.perf_counter() < deadline:
-                    if sent - acked >= BATCH_WINDOW:
-                        room = trio.Event()
-                        await room.wait()
-                    items = ",".join(
-                        f'{{"dispatch_id":"{prefix}-{n + i:08d}","usd":"{USD}"}}'
-                        for i in range(BATCH)
-                    )
-                    n += BATCH
-                    await ws.send_message(f'{{"type":"costs","costs":[{items}]}}')
-                    sent += 1
-                all_sent = True
-                if acked == sent:
-                    done.set()
-                await done.wait()
-                nursery.cancel_scope.cancel()
-    return costs, last - start
+    return await pipelined(url, seconds, batch, BATCH_WINDOW)
 
 
 def _bulk_insert(directory: Path) -> list[float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -29,37 +30,47 @@ USD = "0.000001"
 
 
 class _Reply(msgspec.Struct):
+    """An ``ack`` (one cost) or an ``acks`` (one per item of a batch)."""
+
     type: str
-    seq: int = 0
+    acks: list[msgspec.Raw] = []
 
 
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 
 
-async def _pipeline(url: str, seconds: float, prefix: str) -> tuple[int, float]:
-    """Send ``cost`` frames for ``seconds`` with at most WS_WINDOW unacked, read
-    every ``ack``; return (acks, seconds from the first send to the last ack)."""
+async def pipelined(
+    url: str, seconds: float, frame: Callable[[int], str], window: int
+) -> tuple[int, float]:
+    """Send ``frame(0)``, ``frame(1)``, ... for ``seconds`` with at most
+    ``window`` frames unanswered, and read every answer (``ack``: one cost,
+    ``acks``: one per item); return (costs acknowledged, seconds from the
+    first send to the last answer)."""
     async with open_websocket_url(url) as ws:
         done = trio.Event()
         # Set by the reader when the window has room again; the sender only
         # waits on it when the window is full (no checkpoint per frame).
         room = trio.Event()
-        sent = acked = 0
+        sent = answered = costs = 0
         all_sent = False
         start = last = time.perf_counter()
 
         async def reader() -> None:
-            nonlocal acked, last
+            nonlocal answered, costs, last
             while True:
-                frame = await ws.get_message()
-                reply = _decode_reply(frame)
-                if reply.type != "ack":
-                    raise RuntimeError(f"expected an ack, got {frame!r}")
-                acked += 1
+                text = await ws.get_message()
+                reply = _decode_reply(text)
+                if reply.type == "ack":
+                    costs += 1
+                elif reply.type == "acks":
+                    costs += len(reply.acks)
+                else:
+                    raise RuntimeError(f"expected an ack or acks, got {text!r}")
+                answered += 1
                 last = time.perf_counter()
-                if sent - acked < WS_WINDOW:
+                if sent - answered < window:
                     room.set()
-                if all_sent and acked == sent:
+                if all_sent and answered == sent:
                     done.set()
 
         with trio.fail_after(seconds + 30):
@@ -68,19 +79,26 @@ async def _pipeline(url: str, seconds: float, prefix: str) -> tuple[int, float]:
                 start = time.perf_counter()
                 deadline = start + seconds
                 while time.perf_counter() < deadline:
-                    if sent - acked >= WS_WINDOW:
+                    if sent - answered >= window:
                         room = trio.Event()
                         await room.wait()
-                    await ws.send_message(
-                        f'{{"type":"cost","dispatch_id":"{prefix}-{sent:07d}","usd":"{USD}"}}'
-                    )
+                    await ws.send_message(frame(sent))
                     sent += 1
                 all_sent = True
-                if acked == sent:
+                if answered == sent:
                     done.set()
                 await done.wait()
                 nursery.cancel_scope.cancel()
-    return acked, last - start
+    return costs, last - start
+
+
+async def _pipeline(url: str, seconds: float, prefix: str) -> tuple[int, float]:
+    """``cost`` frames, at most WS_WINDOW unacknowledged: (acks, seconds)."""
+
+    def cost(n: int) -> str:
+        return f'{{"type":"cost","dispatch_id":"{prefix}-{n:07d}","usd":"{USD}"}}'
+
+    return await pipelined(url, seconds, cost, WS_WINDOW)
 
 
 def ws_ingest() -> list[Row]:
